@@ -1,0 +1,177 @@
+"""The rollout-side config schema (dataclasses merged with YAML and key=value overrides via OmegaConf).
+
+`orchestrator/config.py` extends `RolloutJob` with the training sections; both load through
+`load_config`, which turns every OmegaConf/validation failure into one `ConfigError` line naming the key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+SPEC_MODES = ("no-sd", "rtn", "toggle", "adaptive", "argmax")
+ENGINES = ("reference", "sglang")
+DTYPES = ("float32", "bfloat16", "float16")
+DRAFTER_BACKENDS = ("auto", "torchao", "rtn")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A bad config value, key or file; the message is one line naming it."""
+
+
+def _require(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "smollm2-135m-instruct"  # HF checkpoint dir or a packaged alias (er_sglang.models)
+    dtype: str = "float32"  # float32 on CPU (bf16 matmuls are ~6x slower there); bfloat16 on GPU
+
+    def __post_init__(self):
+        _require(bool(self.path), "model.path", "a checkpoint directory or alias", self.path)
+        _require(self.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", self.dtype)
+
+
+@dataclass
+class SpecConfig:
+    mode: str = "argmax"
+    gamma: int = 5  # fixed gamma (rtn/toggle) and the starting rung (adaptive)
+    gamma_ladder: list[int] = field(default_factory=lambda: [5, 7, 9, 11])
+    roofline: str = "configs/roofline/a100_tp1_qwen2.5-7b.json"  # calibrated cost model (JSON)
+    margin: float = 0.05
+    rampup_batch: int = 32
+    hysteresis: float = 0.03
+    min_dwell_steps: int = 8
+    drafter_backend: str = "auto"
+    group_size: int = 128
+
+    def __post_init__(self):
+        _require(self.mode in SPEC_MODES, "spec.mode", f"one of {SPEC_MODES}", self.mode)
+        ladder = list(self.gamma_ladder)
+        _require(len(ladder) > 0 and all(g > 0 for g in ladder) and ladder == sorted(set(ladder)),
+                 "spec.gamma_ladder", "a non-empty increasing list of positive ints", ladder)
+        _require(self.gamma > 0, "spec.gamma", "a positive int", self.gamma)
+        if self.mode == "adaptive":
+            _require(self.gamma in ladder, "spec.gamma", f"a rung of spec.gamma_ladder {ladder}", self.gamma)
+        _require(0.0 <= self.margin < 1.0, "spec.margin", "a float in [0, 1)", self.margin)
+        _require(self.rampup_batch >= 0, "spec.rampup_batch", "an int >= 0", self.rampup_batch)
+        _require(self.hysteresis >= 0.0, "spec.hysteresis", "a float >= 0", self.hysteresis)
+        _require(self.min_dwell_steps >= 1, "spec.min_dwell_steps", "an int >= 1", self.min_dwell_steps)
+        _require(self.drafter_backend in DRAFTER_BACKENDS, "spec.drafter_backend",
+                 f"one of {DRAFTER_BACKENDS}", self.drafter_backend)
+        _require(self.group_size in (32, 64, 128, 256), "spec.group_size", "32, 64, 128 or 256",
+                 self.group_size)
+        if self.mode in ("toggle", "adaptive", "argmax"):
+            _require(resolve_path(self.roofline).is_file(), "spec.roofline", "an existing roofline JSON file",
+                     self.roofline)
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        _require(self.max_new_tokens >= 1, "sampling.max_new_tokens", "an int >= 1", self.max_new_tokens)
+        _require(self.temperature >= 0.0, "sampling.temperature", "a float >= 0", self.temperature)
+        _require(0.0 < self.top_p <= 1.0, "sampling.top_p", "a float in (0, 1]", self.top_p)
+
+
+@dataclass
+class DataConfig:
+    train: str = "reasoning_gym:basic_arithmetic"  # dataset spec, see er_sglang.data.load_dataset
+    size: int = 2048  # examples drawn from procedural datasets
+    template: str = "chatml"
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(bool(self.train), "data.train", "a dataset spec or file", self.train)
+        _require(self.size >= 1, "data.size", "an int >= 1", self.size)
+        _require(self.prompts_per_step >= 1, "data.prompts_per_step", "an int >= 1", self.prompts_per_step)
+        _require(self.samples_per_prompt >= 1, "data.samples_per_prompt", "an int >= 1",
+                 self.samples_per_prompt)
+
+
+@dataclass
+class RolloutJob:
+    """`er-rollout`: generate rollouts for `data.prompts_per_step` prompts x `samples_per_prompt`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: str = "reference"
+    sglang: dict[str, Any] = field(default_factory=dict)  # passed to SGLang ServerArgs (engine: sglang)
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.engine in ENGINES, "engine", f"one of {ENGINES}", self.engine)
+        if self.sglang and self.engine != "sglang":
+            raise ConfigError("sglang: only used with engine=sglang; remove it or set engine=sglang")
+
+
+def resolve_path(path: str) -> Path:
+    """A relative path is looked up from the working directory, then from the project root."""
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute() or p.exists():
+        return p
+    return PROJECT_ROOT / p
+
+
+def load_config(schema: type, argv: list[str]):
+    """[CONFIG.yaml] [key=value ...] -> validated instance of `schema`; raises ConfigError (one line)."""
+    files = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    if len(files) > 1:
+        raise ConfigError(f"expected at most one config file, got {files}")
+    try:
+        merged = OmegaConf.structured(schema)
+        if files:
+            merged = OmegaConf.merge(merged, _load_yaml(files[0]))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    except ValueError as exc:  # __post_init__ of a nested dataclass wrapped by OmegaConf
+        raise ConfigError(str(exc).splitlines()[0]) from None
+
+
+def _load_yaml(path: str):
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        cfg = OmegaConf.load(p)
+    except Exception as exc:  # yaml.YAMLError and friends: report the file and the first line
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not OmegaConf.is_dict(cfg):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level")
+    cfg.pop("defaults", None)  # composition handled by the caller (orchestrator.config)
+    return cfg
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        return f"{key}: unknown key"
+    cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
+    if cause:
+        return str(cause)
+    return f"{key}: {msg}" if key else msg
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
