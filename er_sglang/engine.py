@@ -122,12 +122,12 @@ def state_dict_checksum(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def make_engine(cfg) -> RolloutEngine:
+def make_engine(cfg, progress: bool = False) -> RolloutEngine:
     """Build the engine named by cfg.engine ("reference" or "sglang") from a RolloutJob config."""
     if cfg.engine == "reference":
         from er_sglang.reference import ReferenceEngine
 
-        return ReferenceEngine.from_config(cfg)
+        return ReferenceEngine.from_config(cfg, progress=progress)
     if cfg.engine == "sglang":
         from er_sglang.sglang.engine import SGLangEngine
 

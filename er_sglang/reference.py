@@ -56,7 +56,7 @@ class ReferenceEngine:
     def from_config(cls, cfg, progress: bool = False) -> "ReferenceEngine":
         from transformers import AutoModelForCausalLM
 
-        from er_sglang.models import resolve_model_path, stop_token_ids
+        from er_sglang.models import model_info, resolve_model_path
         from er_sglang.policy import SpecPolicy
 
         path = resolve_model_path(cfg.model.path)
@@ -67,7 +67,7 @@ class ReferenceEngine:
             from er_sglang.drafter import build_drafter
 
             drafter = build_drafter(model, group_size=cfg.spec.group_size, backend=cfg.spec.drafter_backend)
-        return cls(model, policy, drafter, stop_token_ids(path), progress=progress)
+        return cls(model, policy, drafter, model_info(path).stop_token_ids, progress=progress)
 
     # ---- RolloutEngine -------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,37 @@
+"""Glue shared by `er-rollout` and `er-train`: prompts -> token ids, rollouts -> a summary dict."""
+from __future__ import annotations
+
+from collections import Counter
+
+from er_sglang.engine import Rollout, SpecStats
+
+
+def encode_prompts(examples, template: str, tokenizer, samples_per_prompt: int) -> list[list[int]]:
+    """Render each example with the template and repeat it G times (the G samples stay adjacent)."""
+    from er_sglang.data import render_prompt
+
+    ids = [tokenizer(render_prompt(ex, template, tokenizer), add_special_tokens=False)["input_ids"]
+           for ex in examples]
+    return [p for p in ids for _ in range(samples_per_prompt)]
+
+
+def summarize(mode: str, rollouts: list[Rollout], stats: SpecStats, wall_s: float) -> dict:
+    """The er-rollout summary: throughput, acceptance and the gamma histogram of one rollout."""
+    num_tokens = sum(len(r.output_ids) for r in rollouts)
+    lengths = sorted(len(r.output_ids) for r in rollouts)
+    return {
+        "mode": mode,
+        "num_sequences": len(rollouts),
+        "num_tokens": num_tokens,
+        "wall_s": round(wall_s, 3),
+        "tokens_per_s": round(num_tokens / wall_s, 2) if wall_s > 0 else 0.0,
+        "accept_rate": round(stats.accept_rate, 4),
+        "mean_accept_len": round(stats.mean_accept_len, 4),
+        "spec_on_frac": round(stats.spec_on_frac, 4),
+        "gamma_hist": {str(k): v for k, v in sorted(stats.gamma_hist.items())},
+        "accept_len_hist": {str(k): v for k, v in sorted(stats.accept_len_hist.items())},
+        "num_decode_steps": stats.num_steps,
+        "max_len": lengths[-1] if lengths else 0,
+        "median_len": lengths[len(lengths) // 2] if lengths else 0,
+        "finish_reasons": dict(Counter(r.finish_reason for r in rollouts)),
+    }
