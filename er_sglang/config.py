@@ -148,18 +148,27 @@ def load_config(schema: type, argv: list[str]):
         raise ConfigError(str(exc).splitlines()[0]) from None
 
 
-def _load_yaml(path: str):
+def _load_yaml(path: str, seen: tuple = ()):
+    """Load a YAML file; a top-level `defaults: [base.yaml, ...]` list (paths relative to the file) is
+    merged first, so experiment files can share a base."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if p.resolve() in seen:
+        raise ConfigError(f"{path}: defaults include themselves")
     try:
         cfg = OmegaConf.load(p)
     except Exception as exc:  # yaml.YAMLError and friends: report the file and the first line
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not OmegaConf.is_dict(cfg):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
-    cfg.pop("defaults", None)  # composition handled by the caller (orchestrator.config)
-    return cfg
+    bases = cfg.pop("defaults", None) or []
+    if isinstance(bases, str) or not OmegaConf.is_list(bases):
+        raise ConfigError(f"{path}: defaults: expected a list of YAML files")
+    merged = OmegaConf.create()
+    for base in bases:
+        merged = OmegaConf.merge(merged, _load_yaml(str(p.parent / str(base)), seen + (p.resolve(),)))
+    return OmegaConf.merge(merged, cfg)
 
 
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
