@@ -113,12 +113,15 @@ class RolloutEngine(Protocol):
         """Tell the spec policy a rollout (one RL step's generation) ended (ladder/toggle state)."""
 
 
-def state_dict_checksum(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over names and fp32 bytes of every tensor, in sorted name order."""
+def state_dict_checksum(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> str:
+    """sha256 over names and values of every tensor (cast to `dtype` first, then fp32), sorted by name."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu")
+        if dtype is not None:
+            tensor = tensor.to(dtype)
         h.update(name.encode())
-        h.update(state_dict[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update(tensor.to(torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

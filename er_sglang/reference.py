@@ -95,6 +95,7 @@ class ReferenceEngine:
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
         """Copy new target weights in place (strict names), then re-quantize the drafter from them."""
         t0 = time.perf_counter()
+        _check_state_dict(self.model.state_dict(), state_dict)  # all or nothing: validate before copying
         with torch.no_grad():
             self.model.load_state_dict(state_dict, strict=True)
         load_s = time.perf_counter() - t0
@@ -227,6 +228,19 @@ def _emit(rollout: Rollout, tokens: list[int], logprobs: list[float], max_new: i
         if len(rollout.output_ids) >= max_new:
             rollout.finish_reason = "length"
             return
+
+
+def _check_state_dict(current: dict, new: dict) -> None:
+    """Same names and shapes, finite values; raise ValueError naming the first offender."""
+    missing, unexpected = sorted(set(current) - set(new)), sorted(set(new) - set(current))
+    if missing or unexpected:
+        raise ValueError(f"update_weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in new.items():
+        if tuple(tensor.shape) != tuple(current[name].shape):
+            raise ValueError(f"update_weights: {name} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(current[name].shape)}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"update_weights: {name} holds non-finite values")
 
 
 def _maybe_compact(batch: _Batch, min_width: int = 64) -> None:

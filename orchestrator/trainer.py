@@ -1,0 +1,263 @@
+"""FSDP2 GRPO trainer for one rank (no Ray here; the Ray actor wraps this class).
+
+Each rank holds a shard of the policy (``fully_shard`` on every decoder layer, then the root) and of
+its AdamW state, and trains on its own share of the rollout batch. ``torch.distributed`` must be
+initialized by the caller (``init_process_group``: gloo on CPU, nccl on GPU).
+
+Loss scaling (why token-mean is exact): per mini-batch the valid response tokens of *all* ranks are
+counted with one all-reduce (``denom``); every micro-batch contributes ``Σ ℓ_tok / denom``. FSDP2
+averages gradients over ranks, so each rank's loss is multiplied by ``world_size``; the summed
+gradient is then exactly that of the mini-batch token mean, whatever the micro-batching or the number
+of ranks.
+"""
+
+import os
+import random
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
+
+from orchestrator import grpo
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "response_mask")
+
+
+def init_process_group(rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: int = 29500,
+                       backend: str | None = None) -> None:
+    """Join the trainers' process group (backend default: nccl with CUDA, else gloo)."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                            world_size=world_size)
+
+
+def _forward(model, input_ids: Tensor, attention_mask: Tensor, temperature: float,
+             with_entropy: bool = False, entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Token log-probs ``[B, T]`` (and entropies ``[B, T]``) of one micro-batch; see compute_logprobs."""
+    # Positions from the mask, so left-padded prompts get the positions the rollout engine used.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    logits = logits[:, :-1].float() / temperature  # [B, T-1, V]: position t-1 predicts token t
+    logp = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    logp = F.pad(logp, (1, 0))  # token 0 has no context: 0
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = F.pad(grpo.entropy_from_logits(logits if entropy_grad else logits.detach()), (1, 0))
+    return logp, entropy
+
+
+@torch.no_grad()
+def compute_logprobs(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                     temperature: float = 1.0, micro_batch_size: int | None = None) -> Tensor:
+    """``out[b, t] = log softmax(logits[b, t-1] / temperature)[input_ids[b, t]]`` for response tokens.
+
+    All inputs ``[B, T]`` on the model's device. Alignment: position ``t`` holds the log-prob of token
+    ``t`` given tokens ``< t`` (logits[:, :-1] against ids[:, 1:], shifted right by one), so it lines
+    up with ``response_mask``; positions outside the response (and t = 0) are 0. Logits are cast to
+    float32 before the temperature; one ``[b, T, V]`` logits tensor per micro-batch of b sequences.
+    """
+    step = micro_batch_size or input_ids.shape[0]
+    out = [_forward(model, input_ids[i:i + step], attention_mask[i:i + step], temperature)[0]
+           for i in range(0, input_ids.shape[0], step)]
+    return torch.cat(out) * response_mask
+
+
+class FSDPTrainer:
+    """The policy (and frozen reference) of one rank, sharded with FSDP2, trained with GRPO.
+
+    ``micro_batch_size``/``mini_batch_size`` count sequences of *this rank* (mini: per optimizer
+    step, None = the whole share in one step); ``ppo_epochs`` passes over the batch. ``dtype`` is the
+    compute dtype: bf16 (default on CUDA) via FSDP2 ``MixedPrecisionPolicy`` with fp32 master weights
+    and fp32 gradient reduction; float32 default on CPU.
+    """
+
+    def __init__(self, model_path: str, rank: int = 0, world_size: int = 1, lr: float = 5e-7,
+                 weight_decay: float = 0.01, grad_clip: float = 1.0, kl_coef: float = 1e-4,
+                 kl_type: str = "low_var_kl", entropy_coef: float = 0.0, clip_low: float = 0.2,
+                 clip_high: float = 0.2, clip_ratio_c: float | None = 3.0, loss_agg: str = "token-mean",
+                 micro_batch_size: int = 4, mini_batch_size: int | None = None, ppo_epochs: int = 1,
+                 use_ref_model: bool = True, temperature: float = 1.0, seed: int = 0, device: str = "cpu",
+                 dtype: str | None = None, activation_checkpointing: bool = False):
+        if kl_type not in grpo.KL_KINDS or loss_agg not in grpo.AGG_MODES:
+            raise ValueError(f"kl_type in {grpo.KL_KINDS}, loss_agg in {grpo.AGG_MODES}; got {kl_type!r}, {loss_agg!r}")
+        if not dist.is_initialized() or dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise RuntimeError(f"init_process_group(rank={rank}, world_size={world_size}) must run first")
+        self.rank, self.world_size = rank, world_size
+        self.kl_coef, self.kl_type, self.entropy_coef = kl_coef, kl_type, entropy_coef
+        self.clip_low, self.clip_high, self.clip_ratio_c, self.loss_agg = clip_low, clip_high, clip_ratio_c, loss_agg
+        self.micro_batch_size, self.mini_batch_size, self.ppo_epochs = micro_batch_size, mini_batch_size, ppo_epochs
+        self.grad_clip, self.temperature, self.seed = grad_clip, temperature, seed
+        self.activation_checkpointing = activation_checkpointing
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+        self.compute_dtype = getattr(torch, dtype)
+        self._seed_everything(seed + rank)
+        self.mesh = init_device_mesh(self.device.type, (world_size,))
+        self.model = self._build_model(model_path, trainable=True)
+        self.ref_model = self._build_model(model_path, trainable=False) if kl_coef > 0 and use_ref_model else None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.num_steps = 0
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # also seeds every CUDA device
+
+    def _build_model(self, model_path: str, trainable: bool):
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model.config.use_cache = False
+        if trainable and self.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"mesh": self.mesh}
+        if self.compute_dtype != torch.float32:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        block_names = set(model._no_split_modules or ())  # the decoder layer class, e.g. LlamaDecoderLayer
+        for module in model.modules():
+            if type(module).__name__ in block_names:
+                fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)  # embeddings, final norm, lm_head (tied or not)
+        if not trainable:
+            model.requires_grad_(False)
+            model.eval()
+        return model
+
+    def logprobs(self, batch: dict[str, Tensor], use_ref: bool = False) -> Tensor:
+        """compute_logprobs of this rank's share with the policy (or the reference), on CPU ``[N, T]``."""
+        model = self.ref_model if use_ref else self.model
+        model.eval()
+        ids, attn, resp = (batch[k].to(self.device) for k in TOKEN_KEYS)
+        return compute_logprobs(model, ids, attn, resp, self.temperature, self.micro_batch_size).cpu()
+
+    def _all_reduce(self, values: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        values = values.to(self.device)
+        dist.all_reduce(values, op=op)
+        return values.cpu()
+
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """One GRPO update on this rank's share; see the module docstring for the batch contract.
+
+        ``batch``: ``input_ids, attention_mask, response_mask [N, T]``, ``advantages [N]`` and
+        optionally ``old_logprobs`` / ``ref_logprobs [N, T]`` (aligned as compute_logprobs). N must be
+        the same on every rank. Returns rank-averaged metrics.
+        """
+        n = batch["input_ids"].shape[0]
+        n_max, neg_n_min = self._all_reduce(torch.tensor([n, -n]), dist.ReduceOp.MAX).tolist()
+        if n_max != -neg_n_min:
+            raise ValueError(f"every rank must get the same number of sequences (got {-neg_n_min}..{n_max})")
+        batch = {k: v for k, v in batch.items()}
+        if "old_logprobs" not in batch:  # on-policy: log-probs recomputed by the trainer before updating
+            batch["old_logprobs"] = self.logprobs(batch)
+        if self.kl_coef > 0 and "ref_logprobs" not in batch:
+            if self.ref_model is None:
+                raise ValueError("kl_coef > 0 with use_ref_model=False needs batch['ref_logprobs']")
+            batch["ref_logprobs"] = self.logprobs(batch, use_ref=True)
+        mini = self.mini_batch_size or n
+        totals: dict[str, float] = defaultdict(float)
+        num_updates = 0
+        for _ in range(self.ppo_epochs):
+            for start in range(0, n, mini):
+                metrics = self._update({k: v[start:start + mini] for k, v in batch.items()})
+                for k, v in metrics.items():
+                    totals[k] += v
+                num_updates += 1
+        self.num_steps += 1
+        out = {k: v / num_updates for k, v in totals.items()}
+        out["train/num_tokens"] = totals["train/num_tokens"] / self.ppo_epochs
+        out["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    def _update(self, mini: dict[str, Tensor]) -> dict[str, float]:
+        """One optimizer step on a mini-batch, micro-batched with gradient accumulation."""
+        self.model.train()
+        mask = mini["response_mask"].float()
+        local_count = mask.sum() if self.loss_agg == "token-mean" else torch.tensor(float(mask.shape[0]))
+        counts = self._all_reduce(torch.stack([local_count, mask.sum()]))
+        denom, num_tokens = counts[0].clamp(min=1).to(self.device), counts[1].item()
+        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
+        self.optimizer.zero_grad(set_to_none=True)
+        for start in range(0, mask.shape[0], self.micro_batch_size):
+            micro = {k: v[start:start + self.micro_batch_size].to(self.device) for k, v in mini.items()}
+            logp, entropy = _forward(self.model, micro["input_ids"], micro["attention_mask"], self.temperature,
+                                     with_entropy=True, entropy_grad=self.entropy_coef != 0)
+            loss, metrics = grpo.grpo_loss(
+                logp, micro["old_logprobs"], micro["advantages"], micro["response_mask"].float(),
+                ref_logp=micro.get("ref_logprobs"), entropy=entropy, kl_coef=self.kl_coef,
+                kl_type=self.kl_type, entropy_coef=self.entropy_coef, clip_low=self.clip_low,
+                clip_high=self.clip_high, clip_ratio_c=self.clip_ratio_c, agg=self.loss_agg, denom=denom)
+            (loss * self.world_size).backward()  # FSDP2 divides the reduced gradient by world_size
+            sums["train/loss"] += loss.detach().cpu()
+            for k, v in metrics.items():
+                sums[k] += v.cpu()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        keys = sorted(sums)
+        reduced = self._all_reduce(torch.stack([sums[k] for k in keys]))  # contributions add up exactly
+        out = {k: v.item() for k, v in zip(keys, reduced)}
+        out["train/grad_norm"] = grad_norm.item()
+        out["train/num_tokens"] = num_tokens
+        return out
+
+    def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor] | None:
+        """Unsharded CPU state dict of the policy on rank 0 (HF ``state_dict()`` names), None elsewhere."""
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        return {k: v.to(dtype) for k, v in sd.items()} if dtype is not None else sd
+
+    @torch.no_grad()
+    def param_checksum(self) -> float:
+        """``Σ_params Σ_i p_i`` in float64 over the full policy (tied weights once); same on every rank."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.model.parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            total += local.double().sum()
+        return self._all_reduce(total).item()
+
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded model + optimizer (DCP) and this rank's RNG state into directory ``path``."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+               "num_steps": self.num_steps}
+        torch.save(rng, os.path.join(path, f"rng_rank{self.rank}.pt"))
+        dist.barrier()
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore what save_checkpoint wrote (same world size for the RNG files)."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng = torch.load(os.path.join(path, f"rng_rank{self.rank}.pt"), weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.num_steps = rng["num_steps"]
+        dist.barrier()

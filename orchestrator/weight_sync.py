@@ -1,0 +1,64 @@
+"""Trainer -> engines weight sync: full state dict from the FSDP ranks, into every engine, drafter refreshed.
+
+Lifecycle (as TRL's weight transfer): gather (all ranks join the collective; rank 0 gets the dict) ->
+send (one object-store copy, every engine's `update_weights`, which re-quantizes its drafter) ->
+verify (on a schedule, the engine's weight checksum against the trainer's). An engine that fails keeps
+its previous weights (engines validate before copying) and the sync raises a WeightSyncError naming it.
+"""
+from __future__ import annotations
+
+import time
+
+import ray
+
+from er_sglang.engine import state_dict_checksum
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+class WeightSync:
+    def __init__(self, trainers: list, engines: list, verify_every: int = 1):
+        self.trainers, self.engines, self.verify_every = trainers, engines, verify_every
+        self.num_syncs = 0
+
+    def gather(self):
+        """Full (unsharded) policy state dict from the FSDP ranks; every rank must join the collective."""
+        return ray.get([t.full_state_dict.remote() for t in self.trainers])[0]
+
+    def sync(self) -> dict[str, float]:
+        """Push the trainers' weights into every engine; returns timing/sync metrics."""
+        t0 = time.perf_counter()
+        state_dict = self.gather()
+        gather_s = time.perf_counter() - t0
+        ref = ray.put(state_dict)
+        calls = [e.update_weights.remote(ref) for e in self.engines]
+        timings = []
+        for i, call in enumerate(calls):
+            try:
+                timings.append(ray.get(call))
+            except Exception as exc:  # the engine raised: it kept its previous weights
+                raise WeightSyncError(f"weight sync failed on engine {i}: {_first_line(exc)}") from None
+        self.num_syncs += 1
+        out = {"timing/sync_s": time.perf_counter() - t0, "timing/sync_gather_s": gather_s,
+               "timing/sync_load_s": max(t["load_s"] for t in timings),
+               "spec/requant_s": max(t["requant_s"] for t in timings)}
+        if self.verify_every and self.num_syncs % self.verify_every == 0:
+            self.verify(state_dict)
+            out["sync/verified"] = 1.0
+        return out
+
+    def verify(self, state_dict) -> None:
+        """Every engine's weights equal the trainer's (sha256 over names and values)."""
+        want = state_dict_checksum(state_dict)
+        got = ray.get([e.weights_checksum.remote() for e in self.engines])
+        bad = [i for i, c in enumerate(got) if c != want]
+        if bad:
+            raise WeightSyncError(f"weight checksum mismatch on engine(s) {bad}: trainer {want}, engines {got}")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    tail = [line for line in text if "Error" in line]
+    return (tail[-1] if tail else (text[-1] if text else type(exc).__name__))[:300]
