@@ -162,8 +162,9 @@ def _load_yaml(path: str, seen: tuple = ()):
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not OmegaConf.is_dict(cfg):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
-    bases = cfg.pop("defaults", None) or []
-    if isinstance(bases, str) or not OmegaConf.is_list(bases):
+    bases = cfg.pop("defaults", None)
+    bases = [] if bases is None else bases
+    if not (isinstance(bases, list) or OmegaConf.is_list(bases)):
         raise ConfigError(f"{path}: defaults: expected a list of YAML files")
     merged = OmegaConf.create()
     for base in bases:

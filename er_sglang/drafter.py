@@ -1,0 +1,319 @@
+"""The self-drafter: the policy itself with int4 weight-only RTN decoder linears (DESIGN.md §3).
+
+`build_drafter(target)` returns a `Drafter` whose `.model` is a real HF model object of the target's
+class (so it takes the target's `DynamicCache` and the same forward kwargs). Every `nn.Linear` under
+`model.layers` (q/k/v/o, gate/up/down) is replaced by an int4 module; everything else (embeddings,
+lm_head, norms, biases, rotary buffers) IS the target's tensor: the copy is made with a deepcopy memo
+that maps each target parameter/buffer to itself, so no storage is duplicated.
+
+Quantization (both backends, bit-identical codes and scales): torchao's tinygemm RTN formula, computed
+on the bf16 cast of the weight, per group of g input features of a row w[g]:
+    s = max((max(w) - min(w)) / 15, 1e-6)          zero = min(w) + 8·s       (s, zero in bf16)
+    q = clamp(round((w - (zero - 8·s)) / s), 0, 15)   w_hat = (q - 8)·s + zero
+i.e. asymmetric 4-bit with a float zero point whose grid spans [min, max] (up to bf16 rounding).
+
+Group size: a linear whose in_features is not a multiple of `group_size` uses the largest of
+(group_size, 128, 64, 32) (those below group_size) that divides it, recorded per layer in
+`Drafter.group_sizes` (SmolLM2-135M: hidden 576 = 9·64, so q/k/v/o/gate/up use g = 64 and down_proj,
+in 1536, uses 128). No padding: a padded group would skew its min/max and the CPU kernel wants K % g = 0.
+
+Backends: "torchao" = torchao's int4 tensor subclass (CPU: prototype `Int4OpaqueTensor`, tinygemm
+`aten._weight_int4pack_mm_for_cpu`; CUDA: `Int4TilePackedTo4dTensor`), bf16 activations;
+"rtn" = plain PyTorch, packed uint8 codes + bf16 scales/zeros, plus a cached dequantized weight in
+the target's dtype (so its forward costs a dense linear: a correctness fallback, not a speedup);
+"auto" = torchao where every layer fits its kernel, else rtn. `from_hp` is called directly because
+the config class is named differently in torchao 0.17 and 0.18.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKENDS = ("auto", "torchao", "rtn")
+QMAX = 15  # 4-bit codes 0..15
+MID = 8  # tinygemm's zero point sits at code 8: w_hat = (q - 8)·s + zero
+SCALE_EPS = 1e-6  # torchao's eps for int4 scales
+QPARAM_DTYPE = torch.bfloat16  # torchao quantizes the bf16 weight; rtn does the same to match it
+
+
+def choose_group_size(in_features: int, group_size: int) -> int:
+    """Largest of (group_size, 128, 64, 32) not above group_size that divides in_features."""
+    for g in [group_size] + [c for c in (128, 64, 32) if c < group_size]:
+        if in_features % g == 0:
+            return g
+    raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}, 64 or 32")
+
+
+# ---------------------------------------------------------------------------------------------------
+# RTN math (plain PyTorch)
+# ---------------------------------------------------------------------------------------------------
+
+def quantize_rtn(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (codes uint8 [N, K] in 0..15, scales [N, K/g], zeros [N, K/g]) in bf16.
+
+    Same op order and dtype as torchao's `_choose_qparams_affine_tinygemm` +
+    `_quantize_affine_tinygemm` (what `Int4OpaqueTensor.from_hp` runs), so codes/scales/zeros equal
+    torchao's bit for bit.
+    """
+    n, k = w.shape
+    wg = w.to(QPARAM_DTYPE).reshape(n, k // group_size, group_size)  # [N, G, g]
+    min_val, max_val = wg.amin(-1), wg.amax(-1)  # [N, G]
+    scales = torch.clamp((max_val - min_val) / float(QMAX), min=SCALE_EPS)
+    zeros = min_val + scales * MID
+    grid_min = (zeros - scales * MID).unsqueeze(-1)  # recomputed from the rounded zero, as torchao does
+    codes = torch.clamp(torch.round((wg - grid_min) / scales.unsqueeze(-1)), 0, QMAX)
+    return codes.to(torch.uint8).reshape(n, k), scales, zeros
+
+
+def dequantize_rtn(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """codes [N, K] (0..15), scales/zeros [N, G] -> w_hat [N, K] = (q - 8)·s + zero, computed in fp32."""
+    n, k = codes.shape
+    q = codes.reshape(n, scales.shape[1], -1).float() - MID  # [N, G, g]
+    w = q * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)
+    return w.reshape(n, k).to(dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] -> [N, K/2]: even k in the low nibble, odd k in the high nibble."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: [N, K/2] -> uint8 [N, K]."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantized linear modules
+# ---------------------------------------------------------------------------------------------------
+
+class RtnInt4Linear(nn.Module):
+    """y = x @ w_hat^T + b with w_hat dequantized once per (re)quantization and cached.
+
+    Buffers: qweight uint8 [N, K/2], scales/zeros bf16 [N, K/g], w_hat [N, K] in the target's dtype
+    (the cache trades memory for speed; `weight_bytes` reports it apart). bias is the target's.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = weight.shape[1], weight.shape[0], group_size
+        codes, scales, zeros = quantize_rtn(weight.detach(), group_size)
+        self.register_buffer("qweight", pack_int4(codes))
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("w_hat", dequantize_rtn(codes, scales, zeros, weight.dtype))
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w_hat.to(x.dtype), self.bias)
+
+    @torch.no_grad()
+    def refresh(self, weight: torch.Tensor) -> None:
+        """Requantize from a new weight [N, K] in place (storages kept)."""
+        codes, scales, zeros = quantize_rtn(weight.to(self.qweight.device), self.group_size)
+        self.qweight.copy_(pack_int4(codes))
+        self.scales.copy_(scales)
+        self.zeros.copy_(zeros)
+        self.w_hat.copy_(dequantize_rtn(codes, scales, zeros, self.w_hat.dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        """w_hat [N, K] fp32, from the stored codes (not the cache)."""
+        return dequantize_rtn(unpack_int4(self.qweight), self.scales, self.zeros)
+
+    def packed_tensors(self) -> list[torch.Tensor]:
+        return [self.qweight, self.scales, self.zeros]
+
+
+def _torchao_tensor_cls(device_type: str):
+    """torchao's int4 weight tensor class for a device, or None where torchao lacks it."""
+    try:
+        if device_type == "cpu":
+            if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+                return None
+            from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
+            return Int4OpaqueTensor
+        if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+            from torchao.quantization.quantize_.workflows.int4.int4_tile_packed_to_4d_tensor import (
+                Int4TilePackedTo4dTensor,
+            )
+            return Int4TilePackedTo4dTensor
+    except ImportError:
+        return None
+    return None
+
+
+def torchao_fits(weight: torch.Tensor, group_size: int) -> bool:
+    """Whether torchao's int4 kernel takes this [N, K] weight with this group size."""
+    if _torchao_tensor_cls(weight.device.type) is None:
+        return False
+    n, k = weight.shape
+    if weight.device.type == "cpu":  # _convert_weight_to_int4pack_for_cpu: N % 16, g in {32, 64, 128}
+        return group_size in (32, 64, 128) and n % 16 == 0 and k % group_size == 0
+    return group_size in (32, 64, 128, 256) and k % group_size == 0
+
+
+class TorchaoInt4Linear(nn.Module):
+    """y = tinygemm_int4(x.bf16, W) .to(x.dtype) + b; `weight` is torchao's int4 tensor subclass.
+
+    The bf16 cast is the kernel's requirement; the output goes back to the caller's dtype (fp32 on
+    CPU) and the bias (the target's Parameter) is added there.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = weight.shape[1], weight.shape[0], group_size
+        self.weight = nn.Parameter(self._quantize(weight), requires_grad=False)
+        self.bias = bias
+
+    def _quantize(self, weight: torch.Tensor):
+        cls = _torchao_tensor_cls(weight.device.type)
+        return cls.from_hp(weight.detach().to(QPARAM_DTYPE).contiguous(), [1, self.group_size])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.to(QPARAM_DTYPE), self.weight).to(x.dtype)
+        return y + self.bias if self.bias is not None else y
+
+    @torch.no_grad()
+    def refresh(self, weight: torch.Tensor) -> None:
+        """Requantize in place: copy the fresh qdata / scale_and_zero into the existing storages."""
+        new = self._quantize(weight.to(self.weight.device))
+        self.weight.qdata.copy_(new.qdata)
+        self.weight.scale_and_zero.copy_(new.scale_and_zero)
+
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        """w_hat [N, K] fp32 as the kernel sees it: linear(I_K, W)^T (bf16 output, exact for bf16 w_hat)."""
+        eye = torch.eye(self.in_features, dtype=QPARAM_DTYPE, device=self.weight.device)
+        return F.linear(eye, self.weight).T.float()
+
+    def packed_tensors(self) -> list[torch.Tensor]:
+        return [self.weight.qdata, self.weight.scale_and_zero]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The drafter
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Entry:
+    name: str  # module path in the HF model, e.g. "model.layers.0.self_attn.q_proj"
+    target: nn.Linear
+    draft: RtnInt4Linear | TorchaoInt4Linear
+
+
+class Drafter:
+    """The int4 copy of a target HF causal LM; call `drafter.model(...)` exactly like the target.
+
+    Attributes: model (HF model of the target's class), target, backend ("torchao" | "rtn"),
+    group_sizes {linear name: g}, num_quantized (decoder linears replaced).
+    """
+
+    def __init__(self, target: nn.Module, model: nn.Module, entries: list[_Entry], backend: str):
+        self.target, self.model, self.backend = target, model, backend
+        self._entries = entries
+        self.group_sizes = {e.name: e.draft.group_size for e in entries}
+        self.num_quantized = len(entries)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def quantized_linears(self) -> dict[str, nn.Module]:
+        return {e.name: e.draft for e in self._entries}
+
+    def requantize(self, state_dict: dict[str, torch.Tensor] | None = None) -> float:
+        """Refresh the int4 linears in place; returns wall seconds.
+
+        state_dict None: every linear from the target's current weights (the caller loaded them).
+        state_dict given (HF names, e.g. one weight-update bucket): only the linears whose
+        "<name>.weight" is in it, from those tensors. Storages never change, so CUDA graphs captured
+        on them stay valid; biases are the target's own Parameters and need no refresh.
+        """
+        start = time.perf_counter()
+        for e in self._entries:
+            if state_dict is None:
+                e.draft.refresh(e.target.weight)
+            elif f"{e.name}.weight" in state_dict:
+                e.draft.refresh(state_dict[f"{e.name}.weight"])
+        if any(p.is_cuda for p in self.target.parameters()):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def weight_bytes(self) -> dict:
+        """Bytes of the decoder linears (target at its own dtype vs int4 packed) and of shared tensors.
+
+        ratio = draft_linear_bytes / target_linear_bytes (target dtype, named in target_dtype);
+        ratio_vs_bf16 = the same against the target's linears stored in bf16. draft_cache_bytes is
+        the rtn backend's dequantized-weight cache (0 for torchao), left out of the ratios.
+        """
+        target_bytes = sum(e.target.weight.nbytes for e in self._entries)
+        target_numel = sum(e.target.weight.numel() for e in self._entries)
+        draft_bytes = sum(t.nbytes for e in self._entries for t in e.draft.packed_tensors())
+        cache_bytes = sum(e.draft.w_hat.nbytes for e in self._entries if isinstance(e.draft, RtnInt4Linear))
+        target_ptrs = {t.untyped_storage().data_ptr() for t in _tensors(self.target)}
+        shared = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(self.model)
+                  if t.untyped_storage().data_ptr() in target_ptrs}
+        return {
+            "target_dtype": str(self._entries[0].target.weight.dtype).removeprefix("torch."),
+            "target_linear_bytes": target_bytes,
+            "draft_linear_bytes": draft_bytes,
+            "draft_cache_bytes": cache_bytes,
+            "shared_bytes": sum(shared.values()),
+            "ratio": draft_bytes / target_bytes,
+            "ratio_vs_bf16": draft_bytes / (2 * target_numel),
+        }
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Plain tensors of a module's parameters and buffers (torchao subclasses excluded)."""
+    return [t for t in list(module.parameters()) + list(module.buffers())
+            if type(t) in (torch.Tensor, nn.Parameter)]
+
+
+def _decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of every nn.Linear inside the decoder layers ("...layers.<i>....")."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and ".layers." in f".{name}"]
+
+
+def _resolve_backend(backend: str, linears: list[tuple[str, nn.Linear]], group_sizes: dict) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
+    if backend == "rtn":
+        return "rtn"
+    misfits = [name for name, m in linears if not torchao_fits(m.weight, group_sizes[name])]
+    if not misfits:
+        return "torchao"
+    if backend == "torchao":
+        raise ValueError(f"backend='torchao' cannot quantize {misfits[:3]} (torchao int4 kernel missing "
+                         f"for this device, or shape/group size unsupported); use backend='rtn' or 'auto'")
+    return "rtn"
+
+
+def build_drafter(target: nn.Module, group_size: int = 128, backend: str = "auto") -> Drafter:
+    """Int4 self-drafter of an HF causal LM (Llama/Qwen2 layout: model.layers[i].{self_attn,mlp}.*_proj).
+
+    The copy shares every target parameter and buffer (deepcopy memo maps them to themselves), then
+    each decoder nn.Linear is swapped for an int4 module quantized from the target's weight.
+    """
+    linears = _decoder_linears(target)
+    if not linears:
+        raise ValueError("no nn.Linear found under the target's decoder layers")
+    group_sizes = {name: choose_group_size(m.in_features, group_size) for name, m in linears}
+    backend = _resolve_backend(backend, linears, group_sizes)
+    memo = {id(t): t for t in list(target.parameters()) + list(target.buffers())}
+    model = copy.deepcopy(target, memo)
+    model.eval()
+    module_cls = TorchaoInt4Linear if backend == "torchao" else RtnInt4Linear
+    entries = []
+    for name, lin in linears:
+        draft = module_cls(lin.weight, lin.bias, group_sizes[name])
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, draft)
+        entries.append(_Entry(name, lin, draft))
+    return Drafter(target, model, entries, backend)

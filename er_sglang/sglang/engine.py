@@ -1,0 +1,200 @@
+"""SGLangEngine: the RolloutEngine on SGLang 0.5.17 with the int4 self-drafter (GPU only).
+
+    eng = SGLangEngine.from_config(cfg)        # cfg.model.path, cfg.spec.{mode,gamma,gamma_ladder,...}, cfg.sglang
+    rollouts = eng.generate(prompt_ids, SamplingParams(max_new_tokens=256))
+    eng.update_weights(state_dict)             # target in place, then the draft re-quantized in place
+
+spec.mode == "no-sd" starts plain SGLang decoding; every other mode starts STANDALONE with the draft
+path = the target path, loaded "dummy" and turned into the int4 self-drafter by the plugin
+(er_sglang/sglang/plugin.py), rejection sampling on, and SGLang's adaptive controller driven by our
+SpecPolicy (one CUDA-graph set per gamma in {0} U ladder). Everything SGLang is imported lazily.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+from er_sglang.engine import Rollout, SamplingParams, SpecStats
+from er_sglang.sglang.gamma import SPEC_ENV, candidate_gammas
+
+# Defaults that work with the device kit (no FA3, no flashinfer JIT sources); `sglang:` overrides them.
+KIT_DEFAULTS = {"attention_backend": "triton", "sampling_backend": "pytorch", "log_level": "warning"}
+POLICY_KEYS = ("margin", "rampup_batch", "ladder_up", "ladder_down", "ladder_patience", "hysteresis",
+               "min_dwell_steps", "prior_alpha", "prior_strength")
+
+
+def check_server_args(sglang_args: dict) -> None:
+    """Unknown `sglang:` keys are errors naming the key (checked against ServerArgs' dataclass fields)."""
+    from sglang.srt.server_args import ServerArgs
+
+    names = {f.name for f in dataclasses.fields(ServerArgs)}
+    for key in sglang_args:
+        if key not in names:
+            raise ValueError(f"sglang.{key}: not a field of sglang ServerArgs (0.5.17)")
+
+
+def _get(cfg, dotted: str, default=None):
+    cur = cfg
+    for part in dotted.split("."):
+        cur = cur.get(part) if isinstance(cur, dict) else getattr(cur, part, None)
+        if cur is None:
+            return default
+    return cur
+
+
+def _finish_reason(meta: dict) -> str:
+    fr = meta.get("finish_reason")
+    kind = fr.get("type") if isinstance(fr, dict) else fr
+    return "length" if kind == "length" else "stop"
+
+
+class SGLangEngine:
+    """RolloutEngine over an in-process sglang.Engine (its scheduler runs in a child process)."""
+
+    def __init__(self, model_path: str, spec: dict, sglang_args: dict | None = None):
+        sglang_args = dict(sglang_args or {})
+        check_server_args(sglang_args)
+        self.model_path = model_path
+        self.spec = dict(spec)
+        self.mode = self.spec["mode"]
+        kwargs = dict(KIT_DEFAULTS, model_path=model_path, skip_tokenizer_init=True)
+        if self.mode != "no-sd":
+            kwargs.update(self._spec_server_args())
+            os.environ[SPEC_ENV] = json.dumps(self.spec)
+        else:
+            os.environ.pop(SPEC_ENV, None)
+        kwargs.update(sglang_args)
+        self.server_kwargs = kwargs
+        self.engine = self._start(kwargs)
+        self._stats_no_sd = SpecStats()
+
+    @classmethod
+    def from_config(cls, cfg) -> "SGLangEngine":
+        spec = {"mode": _get(cfg, "spec.mode", "no-sd"), "gamma": int(_get(cfg, "spec.gamma", 7)),
+                "gamma_ladder": [int(g) for g in _get(cfg, "spec.gamma_ladder", (5, 7, 9, 11))],
+                "roofline": _get(cfg, "spec.roofline") or _get(cfg, "roofline.path"),
+                "timing": bool(_get(cfg, "spec.timing", False)),
+                "policy": {k: _get(cfg, f"spec.{k}") for k in POLICY_KEYS if _get(cfg, f"spec.{k}") is not None}}
+        sglang_args = _get(cfg, "sglang", {}) or {}
+        if not isinstance(sglang_args, dict):
+            from omegaconf import OmegaConf
+
+            sglang_args = OmegaConf.to_container(sglang_args, resolve=True)
+        return cls(str(_get(cfg, "model.path")), spec, sglang_args)
+
+    def _spec_server_args(self) -> dict:
+        cands = candidate_gammas(self.mode, self.spec["gamma"], self.spec["gamma_ladder"])
+        startup = int(self.spec["gamma"])  # a positive candidate: SGLang builds its backends from it
+        fd, path = tempfile.mkstemp(prefix="er_adaptive_", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"1": {"candidate_steps": cands}}, f)
+        return {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": self.model_path,
+                "speculative_draft_load_format": "dummy", "speculative_eagle_topk": 1,
+                "speculative_num_steps": startup, "speculative_num_draft_tokens": startup + 1,
+                "speculative_adaptive": True, "speculative_adaptive_config": path,
+                "speculative_use_rejection_sampling": True}
+
+    @staticmethod
+    def _start(kwargs: dict):
+        from sglang.srt.entrypoints.engine import Engine
+
+        from er_sglang.sglang import plugin
+
+        plugin.install("main")
+
+        class _Engine(Engine):
+            run_scheduler_process_func = staticmethod(plugin.run_scheduler_process)
+
+        return _Engine(**kwargs)
+
+    # ---- RolloutEngine -------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams, **extra) -> list[Rollout]:
+        """One rollout per prompt; `extra` goes into SGLang's sampling params (e.g. ignore_eos=True)."""
+        sps = []
+        for i in range(len(prompts)):
+            sp = {"temperature": params.temperature, "top_p": params.top_p, "top_k": -1,
+                  "max_new_tokens": params.max_new_tokens, **extra}
+            if params.stop_token_ids:
+                sp["stop_token_ids"] = list(params.stop_token_ids)
+            if params.seed is not None:
+                sp["sampling_seed"] = int(params.seed) + i
+            sps.append(sp)
+        outs = self.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=sps,
+                                    return_logprob=True)
+        rollouts = []
+        for i, (p, o) in enumerate(zip(prompts, outs)):
+            meta = o["meta_info"]
+            lps = [float(x[0]) for x in meta.get("output_token_logprobs") or []]
+            r = Rollout(prompt_index=i, prompt_ids=list(p), output_ids=list(o["output_ids"]), logprobs=lps,
+                        finish_reason=_finish_reason(meta), num_drafted=int(meta.get("er_num_drafted", 0)),
+                        num_accepted=int(meta.get("spec_num_correct_drafts", 0)),
+                        num_verify_steps=int(meta.get("spec_verify_ct", 0)))
+            rollouts.append(r)
+        if self.mode == "no-sd":
+            n = sum(max(len(r.output_ids) - 1, 0) for r in rollouts)
+            self._stats_no_sd.num_emitted += n
+            self._stats_no_sd.num_seq_steps += n
+        return rollouts
+
+    def update_weights(self, state_dict) -> dict[str, float]:
+        """Target weights in place (SGLang's tensor path), then the draft re-quantized in place."""
+        t0 = time.perf_counter()
+        ok, msg = self.engine.update_weights_from_tensor(list(state_dict.items()), flush_cache=True)
+        total = time.perf_counter() - t0
+        if not ok:
+            raise RuntimeError(f"update_weights_from_tensor failed: {msg}")
+        requant_s = float(self.rpc("stats")["last_requant_s"]) if self.mode != "no-sd" else 0.0
+        return {"load_s": total - requant_s, "requant_s": requant_s}
+
+    def weights_checksum(self) -> str:
+        """Fingerprint of the target's weights (float64 sum and L2 norm per parameter, SGLang names).
+
+        Comparable between engines and before/after updates; not equal to state_dict_checksum (SGLang
+        stacks qkv / gate_up, so its tensors are not the trainer's).
+        """
+        return self.rpc("checksum")["checksum"]
+
+    def sleep(self) -> None:
+        self.engine.release_memory_occupation()
+
+    def wake(self) -> None:
+        self.engine.resume_memory_occupation()
+        if self.mode != "no-sd":
+            self.rpc("requantize")
+
+    def stats(self, reset: bool = False) -> SpecStats:
+        if self.mode == "no-sd":
+            out = self._stats_no_sd
+            if reset:
+                self._stats_no_sd = SpecStats()
+            return out
+        d = self.rpc("stats", reset=reset)
+        return SpecStats(num_steps=d["num_steps"], num_spec_steps=d["num_spec_steps"],
+                         num_drafted=d["num_drafted"], num_accepted=d["num_accepted"],
+                         num_emitted=d["num_emitted"], num_seq_steps=d["num_seq_steps"],
+                         accept_len_hist={int(k): v for k, v in d["accept_len_hist"].items()},
+                         gamma_hist={int(k): v for k, v in d["gamma_hist"].items()}, requant_s=d["requant_s"])
+
+    def end_rollout(self, num_drafted: int | None = None, num_accepted: int | None = None) -> None:
+        if self.mode != "no-sd":
+            self.rpc("end_rollout", num_drafted=num_drafted, num_accepted=num_accepted)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    # ---- control channel (SGLang's RPC socket; plugin._handle_rpc_request answers "er_spec") -----------
+    def rpc(self, op: str, **kwargs) -> dict:
+        import zmq
+        from sglang.srt.managers.io_struct import RpcReqInput, sock_recv, sock_send
+
+        from er_sglang.sglang.plugin import RPC_METHOD
+
+        sock_send(self.engine.send_to_rpc,
+                  RpcReqInput(method=RPC_METHOD, parameters={"op": op, "kwargs": json.dumps(kwargs)}))
+        reply = sock_recv(self.engine.send_to_rpc, flags=zmq.BLOCKY)
+        if not reply.success:
+            raise RuntimeError(f"er_spec rpc {op!r} failed: {reply.message}")
+        return json.loads(reply.message)

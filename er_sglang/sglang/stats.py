@@ -1,0 +1,87 @@
+"""Spec statistics and CUDA-event step timing kept by the self-draft worker (scheduler process).
+
+WorkerStats counts per decode step (a batch forward of the target) with the gamma that step used, so
+accept_rate = num_accepted / num_drafted has the right denominator when gamma varies (drafted = sum over
+sequences of gamma on gamma > 0 steps). Field names match er_sglang.engine.SpecStats.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+
+class WorkerStats:
+    def __init__(self):
+        self.num_steps = 0
+        self.num_spec_steps = 0
+        self.num_drafted = 0
+        self.num_accepted = 0
+        self.num_emitted = 0
+        self.num_seq_steps = 0
+        self.accept_len_hist: dict[int, int] = defaultdict(int)
+        self.gamma_hist: dict[int, int] = defaultdict(int)
+        self.requant_s = 0.0
+
+    def observe(self, gamma: int, num_correct_drafts_per_req) -> None:
+        acc = [min(int(a), gamma) for a in num_correct_drafts_per_req]
+        self.num_steps += 1
+        self.gamma_hist[gamma] += 1
+        self.num_seq_steps += len(acc)
+        self.num_emitted += sum(acc) + len(acc)
+        if gamma > 0:
+            self.num_spec_steps += 1
+            self.num_drafted += gamma * len(acc)
+            self.num_accepted += sum(acc)
+            for a in acc:
+                self.accept_len_hist[a] += 1
+
+    def as_dict(self) -> dict:
+        return {"num_steps": self.num_steps, "num_spec_steps": self.num_spec_steps,
+                "num_drafted": self.num_drafted, "num_accepted": self.num_accepted,
+                "num_emitted": self.num_emitted, "num_seq_steps": self.num_seq_steps,
+                "accept_len_hist": dict(self.accept_len_hist), "gamma_hist": dict(self.gamma_hist),
+                "requant_s": self.requant_s}
+
+
+class StepTimer:
+    """CUDA events around draft / draft-extend / verify / whole step, summed per (kind, gamma, batch)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._open: list = []
+        self._acc: dict[tuple[str, int, int], list[float]] = defaultdict(lambda: [0.0, 0])
+
+    def start(self):
+        if not self.enabled:
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def stop(self, start, kind: str, gamma: int, bs: int) -> None:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._open.append((kind, gamma, bs, start, end))
+        if len(self._open) >= 4096:
+            self._resolve()
+
+    def _resolve(self) -> None:
+        if not self._open:
+            return
+        torch.cuda.synchronize()
+        for kind, gamma, bs, start, end in self._open:
+            slot = self._acc[(kind, gamma, bs)]
+            slot[0] += start.elapsed_time(end)
+            slot[1] += 1
+        self._open.clear()
+
+    def summary(self) -> list[dict]:
+        """[{kind, gamma, batch, ms (mean), n}] over everything timed since the last reset."""
+        self._resolve()
+        return [{"kind": k, "gamma": g, "batch": b, "ms": v[0] / v[1], "n": v[1]}
+                for (k, g, b), v in sorted(self._acc.items()) if v[1]]
+
+    def reset(self) -> None:
+        self._resolve()
+        self._acc.clear()

@@ -1,0 +1,241 @@
+"""ms per decode step, AR vs self-speculative at each gamma, Qwen2.5-7B shapes with random weights (GPU).
+
+    python scripts/bench_step.py make --model /tmp/q7                 # config.json only (weights: dummy)
+    python scripts/bench_step.py run --model /tmp/q7 --json OUT.json  # SD (all gammas) then AR engine
+    python scripts/bench_step.py plot --json OUT.json --png OUT.png   # anywhere with matplotlib
+    python scripts/bench_step.py table --json OUT.json                # markdown for docs/benchmarks.md
+
+SD: one SGLangEngine (self-draft, rejection sampling, CUDA graphs per gamma), gamma pinned per point
+through the plugin RPC; the worker's CUDA events time each decode step ("step"), the draft's
+(gamma-1)-step decode graph ("draft"), the draft extend over the gamma+1 verified tokens ("extend") and
+the target verify ("verify"); t_draft = draft + extend. Only steps that ran the full batch B count.
+AR: plain SGLang (no speculation) in a second engine; ms per step = (T(N+1 tokens) - T(1 token)) / N
+wall clock with the prompt cached (the same wall-clock number is also given for SD at gamma = 0).
+Points run in priority order (S=2048 first) until --limit-s; the JSON is rewritten after every point.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+ROOFLINE = os.path.join(ROOT, "configs", "roofline", "a100_tp1_qwen2.5-7b.json")
+BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
+GAMMAS = [0, 3, 5, 7, 9, 11]
+
+
+def cmd_make(args) -> None:
+    import torch
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                      num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                      rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    cfg.architectures = ["Qwen2ForCausalLM"]
+    cfg.dtype = torch.bfloat16
+    cfg.save_pretrained(args.model)
+    print("wrote", os.listdir(args.model))
+
+
+def plan(seqs, batches, gammas):
+    """(seq, batch) points in priority order: S=2048 all B, then the other S at fewer B."""
+    pts = [(2048, b) for b in batches if 2048 in seqs]
+    for s in [x for x in seqs if x != 2048]:
+        pts += [(s, b) for b in batches if b in (1, 8, 32, 128) or s == 512]
+    return pts
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.t0 = time.time()
+        self.out = {"device": None, "records": [], "meta": {"cmd": " ".join(sys.argv)}}
+
+    def left(self) -> float:
+        return self.args.limit_s - (time.time() - self.t0)
+
+    def save(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.args.json)), exist_ok=True)
+        with open(self.args.json, "w") as f:
+            json.dump(self.out, f, indent=1)
+
+    def sglang_args(self) -> dict:
+        return {"load_format": "dummy", "max_running_requests": max(self.args.batches),
+                "cuda_graph_bs_decode": self.args.batches, "mem_fraction_static": 0.85,
+                "disable_prefill_cuda_graph": True, "context_length": max(self.args.seqs) + 512,
+                "chunked_prefill_size": 16384, "random_seed": 0, "log_level": "warning"}
+
+    def prompts(self, s: int, b: int) -> list[list[int]]:
+        rng = random.Random(s * 1000 + b)
+        return [[rng.randrange(1000, 150000) for _ in range(s)] for _ in range(b)]
+
+    def fits(self, eng, s, b, new) -> bool:
+        cap = eng.engine.get_server_info().get("max_total_num_tokens", 0)
+        return b * (s + new + 16) <= 0.9 * cap
+
+    def timed(self, eng, prompts, n: int) -> float:
+        from er_sglang.engine import SamplingParams
+
+        t = time.perf_counter()
+        eng.generate(prompts, SamplingParams(max_new_tokens=n), ignore_eos=True)
+        return time.perf_counter() - t
+
+    def run_sd(self) -> None:
+        from er_sglang.sglang.engine import SGLangEngine
+
+        spec = {"mode": "argmax", "gamma": 3, "gamma_ladder": [g for g in self.args.gammas if g > 0],
+                "roofline": ROOFLINE, "timing": True}
+        t = time.time()
+        eng = SGLangEngine(self.args.model, spec, self.sglang_args())
+        info = eng.engine.get_server_info()
+        st = eng.rpc("stats")
+        self.out["meta"]["sd"] = {"startup_s": round(time.time() - t, 1), "int4_bytes": st["int4_bytes"],
+                                  "num_int4_linears": st["num_int4_linears"],
+                                  "max_total_num_tokens": info.get("max_total_num_tokens"),
+                                  "requant_s": [eng.rpc("requantize")["requant_s"] for _ in range(3)]}
+        self.save()
+        try:
+            for s, b in plan(self.args.seqs, self.args.batches, self.args.gammas):
+                if self.left() < 60 + self.args.ar_reserve_s:
+                    break
+                if not self.fits(eng, s, b, 8 * 12 + 8):
+                    continue
+                prompts = self.prompts(s, b)
+                eng.rpc("set_gamma", gamma=0)
+                self.timed(eng, prompts, 1)  # prefill once; later calls hit the prefix cache
+                for g in self.args.gammas:
+                    self.point_sd(eng, prompts, s, b, g)
+                self.save()
+        finally:
+            eng.shutdown()
+
+    def point_sd(self, eng, prompts, s, b, g) -> None:
+        n = max(32, 8 * (g + 1))
+        eng.rpc("set_gamma", gamma=g)
+        t1 = self.timed(eng, prompts, 1)
+        eng.rpc("stats", reset=True)
+        tn = self.timed(eng, prompts, n + 1)
+        st = eng.rpc("stats", reset=True)
+        ms = {k["kind"]: k["ms"] for k in st["timing"] if k["gamma"] == g and k["batch"] == b}
+        nsteps = {k["kind"]: k["n"] for k in st["timing"] if k["gamma"] == g and k["batch"] == b}
+        rec = {"mode": "sd", "gamma": g, "batch": b, "seq": s, "ms_per_step": ms.get("step"),
+               "t_draft_ms": ms.get("draft", 0.0) + ms.get("extend", 0.0), "t_draft_decode_ms": ms.get("draft", 0.0),
+               "t_extend_ms": ms.get("extend"), "t_verify_ms": ms.get("verify"), "num_steps": nsteps.get("step"),
+               "ms_per_step_wall": 1e3 * (tn - t1) / max(st["num_steps"], 1),
+               "accept_len": st["num_emitted"] / max(st["num_seq_steps"], 1), "device": self.out["device"]}
+        self.out["records"].append(rec)
+        print("SD", json.dumps(rec), flush=True)
+
+    def run_ar(self) -> None:
+        from er_sglang.sglang.engine import SGLangEngine
+
+        t = time.time()
+        eng = SGLangEngine(self.args.model, {"mode": "no-sd", "gamma": 0, "gamma_ladder": [1]}, self.sglang_args())
+        self.out["meta"]["ar"] = {"startup_s": round(time.time() - t, 1),
+                                  "max_total_num_tokens": eng.engine.get_server_info().get("max_total_num_tokens")}
+        n = 32
+        try:
+            for s, b in plan(self.args.seqs, self.args.batches, self.args.gammas):
+                if self.left() < 20:
+                    break
+                if not self.fits(eng, s, b, n + 8):
+                    continue
+                prompts = self.prompts(s, b)
+                self.timed(eng, prompts, 1)
+                t1 = min(self.timed(eng, prompts, 1) for _ in range(2))
+                tn = self.timed(eng, prompts, n + 1)
+                rec = {"mode": "ar", "gamma": 0, "batch": b, "seq": s, "ms_per_step": 1e3 * (tn - t1) / n,
+                       "ms_per_step_wall": 1e3 * (tn - t1) / n, "t_draft_ms": 0.0, "t_verify_ms": None,
+                       "device": self.out["device"]}
+                self.out["records"].append(rec)
+                print("AR", json.dumps(rec), flush=True)
+                self.save()
+        finally:
+            eng.shutdown()
+
+
+def cmd_run(args) -> None:
+    import torch
+
+    b = Bench(args)
+    b.out["device"] = torch.cuda.get_device_name(0)
+    if "sd" in args.parts:
+        b.run_sd()
+    if "ar" in args.parts:
+        b.run_ar()
+    b.save()
+
+
+def _rows(path):
+    with open(path) as f:
+        data = json.load(f)
+    return data, data["records"]
+
+
+def cmd_plot(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data, recs = _rows(args.json)
+    seqs = sorted({r["seq"] for r in recs})
+    fig, axes = plt.subplots(1, len(seqs), figsize=(6 * len(seqs), 4.5), squeeze=False)
+    for ax, s in zip(axes[0], seqs):
+        for mode, g in sorted({(r["mode"], r["gamma"]) for r in recs if r["seq"] == s}):
+            pts = sorted((r["batch"], r["ms_per_step"]) for r in recs
+                         if r["seq"] == s and r["mode"] == mode and r["gamma"] == g and r["ms_per_step"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label="AR" if mode == "ar" else f"SD gamma={g}")
+        ax.set(xscale="log", yscale="log", xlabel="batch B", ylabel="ms per decode step", title=f"S={s}")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data['device']}: Qwen2.5-7B shapes, SGLang 0.5.17, int4 Marlin self-draft")
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=120)
+
+
+def cmd_table(args) -> None:
+    _, recs = _rows(args.json)
+    ar = {(r["seq"], r["batch"]): r["ms_per_step"] for r in recs if r["mode"] == "ar"}
+    print("| S | B | gamma | ms/step | t_draft ms | t_verify ms | AR ms | T_D/T_T (per draft token) | T_V/T_T |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted((r for r in recs if r["mode"] == "sd"), key=lambda r: (r["seq"], r["batch"], r["gamma"])):
+        t_ar = ar.get((r["seq"], r["batch"]))
+        g = r["gamma"]
+        td = r["t_draft_ms"] / g / t_ar if t_ar and g else None
+        tv = r["t_verify_ms"] / t_ar if t_ar and r["t_verify_ms"] else None
+        f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+        print(f"| {r['seq']} | {r['batch']} | {g} | {f(r['ms_per_step'])} | {f(r['t_draft_ms'])} | "
+              f"{f(r['t_verify_ms'])} | {f(t_ar)} | {f(td)} | {f(tv)} |")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("--model", default="/tmp/q7")
+    r = sub.add_parser("run")
+    r.add_argument("--model", default="/tmp/q7")
+    r.add_argument("--json", required=True)
+    r.add_argument("--seqs", type=lambda x: [int(v) for v in x.split(",")], default=[2048, 512, 8192])
+    r.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=BATCHES)
+    r.add_argument("--gammas", type=lambda x: [int(v) for v in x.split(",")], default=GAMMAS)
+    r.add_argument("--parts", type=lambda x: x.split(","), default=["sd", "ar"])
+    r.add_argument("--limit-s", type=float, default=540.0)
+    r.add_argument("--ar-reserve-s", type=float, default=120.0)
+    for name in ("plot", "table"):
+        q = sub.add_parser(name)
+        q.add_argument("--json", required=True)
+        if name == "plot":
+            q.add_argument("--png", required=True)
+    args = p.parse_args(argv)
+    {"make": cmd_make, "run": cmd_run, "plot": cmd_plot, "table": cmd_table}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""GPU test helpers: a tiny random Qwen2 checkpoint with peaked next-token distributions."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+TINY_DIR = os.environ.get("ER_TINY_DIR", "/tmp/er_tiny_qwen2")
+
+
+def make_tiny_qwen2(path: str = TINY_DIR, peak: float = 10.0, seed: int = 0) -> str:
+    """Random 4-layer Qwen2 (hidden 512, vocab 32000; Marlin-compatible shapes), lm_head scaled by `peak`."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    cfg = Qwen2Config(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
+                      tie_word_embeddings=False, eos_token_id=31999, bos_token_id=0)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(peak)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> str:
+    return make_tiny_qwen2()
+
+
+def small_engine_args(**kw) -> dict:
+    """sglang: block for tests (small memory, few CUDA-graph batch sizes, no prefill graphs)."""
+    args = {"mem_fraction_static": 0.35, "cuda_graph_max_bs_decode": 64, "max_running_requests": 64,
+            "disable_prefill_cuda_graph": True, "random_seed": 0, "log_level": "warning"}
+    args.update(kw)
+    return args

@@ -1,0 +1,104 @@
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from er_sglang.config import load_config
+from orchestrator import sweep as sw
+from orchestrator.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+JOB_FILES = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("roofline", "sweeps"))
+MODES = ("no-sd", "rtn", "toggle", "adaptive", "argmax")
+# model dir -> (fixed gamma of the paper, kl_coef, template, data)
+MODELS = {
+    "qwen2.5-7b": (7, 1e-4, "qwen-base", "data/math_hard_train.jsonl"),
+    "llama3.1-8b-instruct": (5, 1e-2, "llama-instruct", "data/math_medium_train.jsonl"),
+    "qwen2.5-14b": (5, 1e-4, "qwen-base", "data/math_hard_train.jsonl"),
+}
+# Where configs/default.yaml differs from the schema defaults (none: `er-train` with no arguments runs
+# exactly the default job; the experiment files set the paper's lr 5e-7 and KL weights).
+DEFAULT_YAML_OVERRIDES: dict = {}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _rel(p: Path) -> str:
+    return str(p.relative_to(ROOT))
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=_rel)
+def test_configs_every_job_yaml_loads(path):
+    cfg = load_config(TrainConfig, [str(path)])
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_configs_there_are_three_models_times_five_modes():
+    assert {p.parent.name for p in CONFIGS.glob("experiments/*/*.yaml")} == set(MODELS)
+    for model in MODELS:
+        assert {p.stem for p in (CONFIGS / "experiments" / model).glob("*.yaml")} == {"base", *MODES}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_configs_experiment_mode_files_set_mode_and_paper_recipe(model):
+    gamma, kl_coef, template, data = MODELS[model]
+    for mode in MODES:
+        cfg = load_config(TrainConfig, [str(CONFIGS / "experiments" / model / f"{mode}.yaml")])
+        assert cfg.spec.mode == mode
+        if mode in ("rtn", "toggle", "adaptive"):
+            assert cfg.spec.gamma == gamma
+        assert (cfg.engine, cfg.model.dtype) == ("sglang", "bfloat16")
+        assert (cfg.cluster.num_gpus, cfg.cluster.num_trainers, cfg.cluster.num_engines) == (8, 8, 8)
+        assert cfg.cluster.placement == "colocated"
+        assert (cfg.data.prompts_per_step, cfg.data.samples_per_prompt) == (128, 8)
+        assert (cfg.data.template, cfg.data.train) == (template, data)
+        assert cfg.sampling.max_new_tokens == 8192 and cfg.sampling.temperature == 1.0
+        assert cfg.train.lr == 5e-7 and cfg.train.kl_coef == kl_coef and cfg.train.kl_type == "low_var_kl"
+        assert cfg.sglang == {"attention_backend": "triton", "sampling_backend": "pytorch",
+                              "mem_fraction_static": 0.7}
+
+
+def test_configs_default_yaml_equals_schema_defaults_except_documented():
+    from_file = _flat(asdict(load_config(TrainConfig, [str(CONFIGS / "default.yaml")])))
+    defaults = _flat(asdict(load_config(TrainConfig, [])))
+    assert from_file.keys() == defaults.keys()
+    diffs = {k: (defaults[k], from_file[k]) for k in defaults if defaults[k] != from_file[k]}
+    assert diffs == DEFAULT_YAML_OVERRIDES
+
+
+def test_configs_default_yaml_holds_the_cpu_job():
+    cfg = load_config(TrainConfig, [str(CONFIGS / "default.yaml")])
+    assert (cfg.model.path, cfg.engine, cfg.spec.mode) == ("smollm2-135m-instruct", "reference", "argmax")
+    assert (cfg.data.prompts_per_step, cfg.data.samples_per_prompt, cfg.sampling.max_new_tokens) == (8, 4, 96)
+    assert (cfg.train.num_steps, cfg.cluster.num_trainers, cfg.cluster.num_engines) == (10, 2, 1)
+    assert cfg.checkpoint.every == 5 and cfg.cluster.num_gpus == 0
+
+
+@pytest.mark.parametrize("path", [p for p in JOB_FILES if p.name != "base.yaml"]  # bases aren't launched
+                         + sorted(CONFIGS.glob("sweeps/*.yaml")), ids=_rel)
+def test_configs_first_line_gives_the_launch_command(path):
+    tool = "er-sweep" if path.parent.name == "sweeps" else "er-train"
+    assert path.read_text().splitlines()[0].split() == ["#", tool, _rel(path)]
+
+
+@pytest.mark.parametrize("name, num_runs", [("spec_gamma", 15), ("lr", 8)])
+def test_configs_sweep_runs_are_valid_er_train_configs(name, num_runs):
+    sweep = sw.load_sweep(str(CONFIGS / "sweeps" / f"{name}.yaml"))
+    runs = sw.expand_runs(sweep)
+    assert len(runs) == num_runs
+    for params in runs:
+        command = sw.build_command(sweep, params, "runs/x")
+        assert command[:3] == ["/usr/bin/env", "er-train", "configs/default.yaml"]
+        overrides = command[3:]
+        assert overrides[-1] == "run_dir=runs/x"
+        cfg = load_config(TrainConfig, [str(CONFIGS / "default.yaml"), *overrides])
+        assert all(_flat(asdict(cfg))[k] == v for k, v in params.items())
