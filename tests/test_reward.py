@@ -55,6 +55,22 @@ def test_is_equiv_guards_huge_and_long_inputs():
     assert time.perf_counter() - start < 2.0
 
 
+def test_simplify_is_zero_exact_and_main_thread_only():
+    import threading
+
+    import sympy
+
+    from orchestrator.reward import _simplify_is_zero
+
+    x = sympy.Symbol("x")
+    assert _simplify_is_zero(x * (x + 1) - x**2 - x) and not _simplify_is_zero(x - 1)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(_simplify_is_zero(x - x + 0 * x)))
+    worker.start()
+    worker.join()
+    assert result == [False]  # no SIGALRM guard off the main thread, so no unguarded simplify
+
+
 def test_normalize_answer_strips_formatting():
     assert normalize_answer(" \\$1,234.5 ") == "1234.5"
     assert normalize_answer("\\dfrac{3}{4}\\text{ cm}") == "\\frac{3}{4}"

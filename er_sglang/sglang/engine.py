@@ -87,7 +87,8 @@ class SGLangEngine:
 
     def _spec_server_args(self) -> dict:
         cands = candidate_gammas(self.mode, self.spec["gamma"], self.spec["gamma_ladder"])
-        startup = int(self.spec["gamma"])  # a positive candidate: SGLang builds its backends from it
+        # SGLang sizes shared buffers (logits rows, KV reserve) from the startup gamma: start at the largest.
+        startup = max(cands)
         fd, path = tempfile.mkstemp(prefix="er_adaptive_", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump({"1": {"candidate_steps": cands}}, f)

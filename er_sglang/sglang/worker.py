@@ -14,6 +14,7 @@ statistics with the right denominator when gamma varies; optional CUDA-event tim
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -152,6 +153,28 @@ class SelfSpecWorker(_standalone.StandaloneWorkerV2):
             self.adaptive_controller.params = self.gamma_params
         self._pending: deque[tuple[int, list]] = deque()  # (gamma, batch reqs) of launched decode steps
 
+    @contextlib.contextmanager
+    def _override_worker_state(self, speculative_num_steps, speculative_num_draft_tokens, cuda_graph_bs=None):
+        """SGLang's override plus the draft runner's own server_args, which size the draft-extend capture
+        width (spec_utils.resolve_num_tokens_per_req reads model_runner.server_args, not the override).
+        The engine starts at the largest gamma, so buffers sized once from server_args fit every state."""
+        runners = [self._draft_worker.draft_runner]
+        saved = [(r.server_args.speculative_num_steps, r.server_args.speculative_num_draft_tokens)
+                 for r in runners]
+        # ServerArgs is read-only after resolution (its __setattr__ raises); this capture-time swap of the
+        # startup record is undone below, so object.__setattr__ is used on purpose.
+        for r in runners:
+            object.__setattr__(r.server_args, "speculative_num_steps", speculative_num_steps)
+            object.__setattr__(r.server_args, "speculative_num_draft_tokens", speculative_num_draft_tokens)
+        try:
+            with super()._override_worker_state(speculative_num_steps, speculative_num_draft_tokens,
+                                                cuda_graph_bs=cuda_graph_bs):
+                yield
+        finally:
+            for r, (steps, tokens) in zip(runners, saved):
+                object.__setattr__(r.server_args, "speculative_num_steps", steps)
+                object.__setattr__(r.server_args, "speculative_num_draft_tokens", tokens)
+
     # ---- decode step -------------------------------------------------------------------------------
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None):
         is_decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch)
@@ -179,8 +202,10 @@ class SelfSpecWorker(_standalone.StandaloneWorkerV2):
         """gamma = 0: SGLang's one-token verify; rejection sampling needs a (never read) draft_probs."""
         vi = super()._build_trivial_verify_input(batch)
         if get_spec().speculative_use_rejection_sampling and vi.draft_probs is None:
-            vi.draft_probs = torch.zeros((batch.seq_lens.shape[0], 1, 1), dtype=torch.float32,
-                                         device=self.device)
+            vocab = self._target_worker.model_runner.model_config.vocab_size  # eagle_sample checks the width
+            if getattr(self, "_zero_probs", None) is None or self._zero_probs.shape[-1] != vocab:
+                self._zero_probs = torch.zeros((1, 1, vocab), dtype=torch.float32, device=self.device)
+            vi.draft_probs = self._zero_probs.expand(batch.seq_lens.shape[0], 1, vocab)
         return vi
 
     def on_verify_complete_cpu(self, num_correct_drafts_per_req, batch_size: int = 0) -> None:
