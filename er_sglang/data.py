@@ -226,8 +226,9 @@ def render_prompt(example: Example, template: str, tokenizer=None) -> str:
                          f"use raw, plain or qwen-base for models without one")
     if template == "qwen-instruct":
         messages = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": question}]
-    elif template == "chatml-brief":
-        messages = [{"role": "user", "content": f"{question}\n{BRIEF_INSTRUCTION}"}]
+    elif template == "chatml-brief":  # a 3-token system turn instead of the template's default one
+        messages = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": f"{question}\n{BRIEF_INSTRUCTION}"}]
     else:
         messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -22,7 +22,10 @@ Backends: "torchao" = torchao's int4 tensor subclass (CPU: prototype `Int4Opaque
 "rtn" = plain PyTorch, packed uint8 codes + bf16 scales/zeros, plus a cached dequantized weight in
 the target's dtype (so its forward costs a dense linear: a correctness fallback, not a speedup);
 "auto" = torchao where every layer fits its kernel, else rtn. `from_hp` is called directly because
-the config class is named differently in torchao 0.17 and 0.18.
+the config class is named differently in torchao 0.17 and 0.18. On CUDA (H100, torch 2.11, torchao
+0.17) the tile-packed tensor builds, requantizes in place bit-exactly and shares the cache, but its
+kernel's weights are NOT the codes above (~26% of elements > s/2 apart, linear error 0.116 vs 0.099 on
+Gaussian weights) and it pads K to 1024: use it only as a check; the GPU drafter is Marlin's job.
 """
 from __future__ import annotations
 

@@ -155,7 +155,7 @@ class FSDPTrainer:
         return values.cpu()
 
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
-        """One GRPO update on this rank's share; see the module docstring for the batch contract.
+        """One GRPO update (ppo_epochs × mini-batches × micro-batches) on this rank's share.
 
         ``batch``: ``input_ids, attention_mask, response_mask [N, T]``, ``advantages [N]`` and
         optionally ``old_logprobs`` / ``ref_logprobs [N, T]`` (aligned as compute_logprobs). N must be
@@ -166,13 +166,15 @@ class FSDPTrainer:
         if n_max != -neg_n_min:
             raise ValueError(f"every rank must get the same number of sequences (got {-neg_n_min}..{n_max})")
         batch = {k: v for k, v in batch.items()}
-        if "old_logprobs" not in batch:  # on-policy: log-probs recomputed by the trainer before updating
+        mini = self.mini_batch_size or n
+        # on-policy: old log-probs are the current policy's. With one update over the whole batch they equal
+        # the update's own forward (detached), so the extra forward is skipped; otherwise recompute first.
+        if "old_logprobs" not in batch and not (self.ppo_epochs == 1 and mini >= n):
             batch["old_logprobs"] = self.logprobs(batch)
         if self.kl_coef > 0 and "ref_logprobs" not in batch:
             if self.ref_model is None:
                 raise ValueError("kl_coef > 0 with use_ref_model=False needs batch['ref_logprobs']")
             batch["ref_logprobs"] = self.logprobs(batch, use_ref=True)
-        mini = self.mini_batch_size or n
         totals: dict[str, float] = defaultdict(float)
         num_updates = 0
         for _ in range(self.ppo_epochs):
@@ -200,8 +202,9 @@ class FSDPTrainer:
             micro = {k: v[start:start + self.micro_batch_size].to(self.device) for k, v in mini.items()}
             logp, entropy = _forward(self.model, micro["input_ids"], micro["attention_mask"], self.temperature,
                                      with_entropy=True, entropy_grad=self.entropy_coef != 0)
+            old_logp = micro["old_logprobs"] if "old_logprobs" in micro else logp.detach()
             loss, metrics = grpo.grpo_loss(
-                logp, micro["old_logprobs"], micro["advantages"], micro["response_mask"].float(),
+                logp, old_logp, micro["advantages"], micro["response_mask"].float(),
                 ref_logp=micro.get("ref_logprobs"), entropy=entropy, kl_coef=self.kl_coef,
                 kl_type=self.kl_type, entropy_coef=self.entropy_coef, clip_low=self.clip_low,
                 clip_high=self.clip_high, clip_ratio_c=self.clip_ratio_c, agg=self.loss_agg, denom=denom)

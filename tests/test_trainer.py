@@ -17,7 +17,7 @@ from orchestrator import trainer as trainer_mod
 from orchestrator.grpo import group_advantages
 
 T_PROMPT, T_RESP, VOCAB = 5, 7, 128
-COMMON = dict(lr=1e-3, weight_decay=0.0, grad_clip=1.0, kl_coef=0.0, seed=0)
+COMMON = {"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 1.0, "kl_coef": 0.0, "seed": 0}
 
 
 def _free_port() -> int:
@@ -67,6 +67,9 @@ def _run_world1(model_path, out):
     tr = trainer_mod.FSDPTrainer(model_path, **COMMON, micro_batch_size=2)
     tr.train_step(BATCH_1)
     res["micro2"] = _params(tr)
+    tr = trainer_mod.FSDPTrainer(model_path, **COMMON, micro_batch_size=2)
+    tr.train_step(dict(BATCH_1, old_logprobs=tr.logprobs(BATCH_1)))  # explicit recomputation
+    res["explicit_old"] = _params(tr)
     zero = dict(BATCH_1, advantages=torch.zeros(4))
     tr = trainer_mod.FSDPTrainer(model_path, **COMMON, micro_batch_size=2)
     res["m_zero"] = tr.train_step(zero)
@@ -149,6 +152,11 @@ def test_train_step_zero_advantage_leaves_parameters_unchanged(world1):
 
 def test_train_step_micro_batching_invariant(world1):
     assert _max_diff(world1["micro2"], world1["micro4"]) < 1e-5
+
+
+def test_train_step_single_update_reuses_its_forward_as_old_logprobs(world1):
+    # one update over the whole batch: old log-probs = the update's own detached forward, no extra pass
+    assert _max_diff(world1["explicit_old"], world1["micro2"]) < 1e-6
 
 
 def test_full_state_dict_loads_into_hf_model(world1, model_path):

@@ -192,21 +192,23 @@ class SelfSpecWorker(_standalone.StandaloneWorkerV2):
         return out
 
     def verify(self, batch, grammar_barrier=None):
+        """gamma = 0 (SGLang's one-token trivial verify) samples with SGLang's target-only kernel: with
+        nothing drafted it is exact sampling from p, and the chain rejection-sampling Triton kernel fails
+        to compile for a one-slot chain (device run 4). The flag is restored before the draft extend,
+        which must keep producing draft probs for the next gamma > 0 step."""
         start = self.timer.start() if self.timer.enabled else None
-        out = super().verify(batch, grammar_barrier)
+        spec = get_spec()
+        is_plain = self.speculative_num_steps == 0 and spec.speculative_use_rejection_sampling
+        if is_plain:
+            spec._set("speculative_use_rejection_sampling", False)
+        try:
+            out = super().verify(batch, grammar_barrier)
+        finally:
+            if is_plain:
+                spec._set("speculative_use_rejection_sampling", True)
         if start is not None:
             self.timer.stop(start, "verify", self.speculative_num_steps, len(batch.reqs))
         return out
-
-    def _build_trivial_verify_input(self, batch):
-        """gamma = 0: SGLang's one-token verify; rejection sampling needs a (never read) draft_probs."""
-        vi = super()._build_trivial_verify_input(batch)
-        if get_spec().speculative_use_rejection_sampling and vi.draft_probs is None:
-            vocab = self._target_worker.model_runner.model_config.vocab_size  # eagle_sample checks the width
-            if getattr(self, "_zero_probs", None) is None or self._zero_probs.shape[-1] != vocab:
-                self._zero_probs = torch.zeros((1, 1, vocab), dtype=torch.float32, device=self.device)
-            vi.draft_probs = self._zero_probs.expand(batch.seq_lens.shape[0], 1, vocab)
-        return vi
 
     def on_verify_complete_cpu(self, num_correct_drafts_per_req, batch_size: int = 0) -> None:
         """Results arrive in launch order (one step late with overlap): pair them with their gamma.
