@@ -50,7 +50,7 @@ def train(cfg, run_dir: Path, resume_from: Path | None) -> int:
             sync_metrics = sync.sync()
             ray.get([e.end_rollout.remote(spec.num_drafted, spec.num_accepted) for e in engines])
             step += 1
-            metrics = {**train_metrics, **sync_metrics, **_rollout_metrics(rollouts, rewards, spec),
+            metrics = {**train_metrics, **_rollout_metrics(rollouts, rewards, spec), **sync_metrics,
                        "timing/rollout_s": t1 - t0, "timing/train_s": t2 - t1,
                        "timing/step_s": time.perf_counter() - t0}
             tracker.log_step(step, metrics, samples=_samples(prompts, examples, rollouts, rewards, cfg),

@@ -66,7 +66,7 @@ class Bench:
 
     def sglang_args(self) -> dict:
         return {"load_format": "dummy", "max_running_requests": max(self.args.batches),
-                "cuda_graph_bs_decode": self.args.batches, "mem_fraction_static": 0.85,
+                "cuda_graph_bs_decode": self.args.batches, "mem_fraction_static": 0.7,
                 "disable_prefill_cuda_graph": True, "context_length": max(self.args.seqs) + 512,
                 "chunked_prefill_size": 16384, "random_seed": 0, "log_level": "warning"}
 

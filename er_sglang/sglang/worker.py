@@ -273,6 +273,10 @@ class SelfSpecWorker(_standalone.StandaloneWorkerV2):
             nd, na = kw.get("num_drafted"), kw.get("num_accepted")
             self.policy.end_rollout(nd, na) if nd is not None else self.policy.end_rollout()
             return {"policy": self.policy.state_dict()}
+        if op == "reset_policy":
+            self.policy = build_policy(spec_from_env())
+            self.gamma_params.policy = self.policy
+            return {"policy": self.policy.state_dict()}
         if op == "requantize":
             return {"requant_s": self.requantize()}
         if op == "draft_check":
