@@ -31,6 +31,9 @@ class TrainerActor:
     def full_state_dict(self):
         return self.trainer.full_state_dict()
 
+    def local_state_dict(self):
+        return self.trainer.local_state_dict()
+
     def save_checkpoint(self, path: str) -> None:
         self.trainer.save_checkpoint(path)
 

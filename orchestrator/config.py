@@ -17,7 +17,7 @@ class TrainSection:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     mini_batch_size: int = 0  # sequences per optimizer step; 0 = the whole rollout batch
-    micro_batch_size: int = 8  # sequences per forward/backward (gradient accumulation)
+    micro_batch_size: int = 16  # sequences per rank per forward/backward (gradient accumulation)
     ppo_epochs: int = 1
     clip_low: float = 0.2
     clip_high: float = 0.2

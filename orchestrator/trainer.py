@@ -62,6 +62,13 @@ def _forward(model, input_ids: Tensor, attention_mask: Tensor, temperature: floa
     return logp, entropy
 
 
+def assemble_shards(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Full state dict from every rank's `local_state_dict()` (rank order): dim-0 concatenation."""
+    if len(shards) == 1:
+        return shards[0]
+    return {k: torch.cat([s[k] for s in shards], 0) if shards[0][k].dim() else shards[0][k] for k in shards[0]}
+
+
 @torch.no_grad()
 def compute_logprobs(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
                      temperature: float = 1.0, micro_batch_size: int | None = None) -> Tensor:
@@ -129,7 +136,8 @@ class FSDPTrainer:
         model.config.use_cache = False
         if trainable and self.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        kwargs = {"mesh": self.mesh}
+        # the policy keeps its gathered layers from forward to backward (one all-gather per layer, not two)
+        kwargs = {"mesh": self.mesh, "reshard_after_forward": not trainable}
         if self.compute_dtype != torch.float32:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
         block_names = set(model._no_split_modules or ())  # the decoder layer class, e.g. LlamaDecoderLayer
@@ -230,6 +238,16 @@ class FSDPTrainer:
         if self.rank != 0:
             return None
         return {k: v.to(dtype) for k, v in sd.items()} if dtype is not None else sd
+
+    @torch.no_grad()
+    def local_state_dict(self) -> dict[str, Tensor]:
+        """This rank's dim-0 shard of every state-dict entry (CPU copies; no collective).
+
+        FSDP2 shards dim 0 in rank order with torch.chunk sizes, so concatenating the ranks' shards
+        (`assemble_shards`) gives the full state dict without gloo/NCCL all-gathers.
+        """
+        return {k: (v.to_local() if isinstance(v, DTensor) else v).detach().to("cpu", copy=True)
+                for k, v in self.model.state_dict().items()}
 
     @torch.no_grad()
     def param_checksum(self) -> float:

@@ -24,8 +24,10 @@ class WeightSync:
         self.num_syncs = 0
 
     def gather(self):
-        """Full (unsharded) policy state dict from the FSDP ranks; every rank must join the collective."""
-        return ray.get([t.full_state_dict.remote() for t in self.trainers])[0]
+        """Full (unsharded) policy state dict: every rank's dim-0 shards, concatenated in rank order."""
+        from orchestrator.trainer import assemble_shards
+
+        return assemble_shards(ray.get([t.local_state_dict.remote() for t in self.trainers]))
 
     def sync(self) -> dict[str, float]:
         """Push the trainers' weights into every engine; returns timing/sync metrics."""

@@ -92,6 +92,7 @@ def _run_dist(model_path, out, rank, world):
     res["m_resumed2"] = resumed.train_step(_share(BATCH_2, rank, world))
     res["resumed2"] = _params(resumed)
     res["full_sd_is_none"] = tr.full_state_dict() is None
+    res["local"] = tr.local_state_dict()
     return res
 
 
@@ -157,6 +158,13 @@ def test_train_step_micro_batching_invariant(world1):
 def test_train_step_single_update_reuses_its_forward_as_old_logprobs(world1):
     # one update over the whole batch: old log-probs = the update's own detached forward, no extra pass
     assert _max_diff(world1["explicit_old"], world1["micro2"]) < 1e-6
+
+
+def test_local_shards_assemble_to_the_full_state_dict(world2):
+    full = world2[0]["dist"]["step2"]  # rank 0 full_state_dict of the same trainer
+    assembled = trainer_mod.assemble_shards([r["dist"]["local"] for r in world2])
+    assert set(assembled) == set(full)
+    assert all(torch.equal(assembled[k], full[k]) for k in full)
 
 
 def test_full_state_dict_loads_into_hf_model(world1, model_path):
