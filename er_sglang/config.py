@@ -75,7 +75,7 @@ class SpecConfig:
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 48
+    max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
 
@@ -91,8 +91,8 @@ class DataConfig:
     train: str = "reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"
     size: int = 2048  # examples drawn from procedural datasets
     template: str = "chatml-brief"
-    prompts_per_step: int = 8
-    samples_per_prompt: int = 4
+    prompts_per_step: int = 3
+    samples_per_prompt: int = 8  # G: a larger group gives more prompts a non-zero advantage
     seed: int = 0
 
     def __post_init__(self):

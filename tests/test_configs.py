@@ -78,7 +78,7 @@ def test_configs_default_yaml_equals_schema_defaults_except_documented():
 def test_configs_default_yaml_holds_the_cpu_job():
     cfg = load_config(TrainConfig, [str(CONFIGS / "default.yaml")])
     assert (cfg.model.path, cfg.engine, cfg.spec.mode) == ("smollm2-135m-instruct", "reference", "argmax")
-    assert (cfg.data.prompts_per_step, cfg.data.samples_per_prompt, cfg.sampling.max_new_tokens) == (8, 4, 48)
+    assert (cfg.data.prompts_per_step, cfg.data.samples_per_prompt, cfg.sampling.max_new_tokens) == (3, 8, 24)
     assert (cfg.train.num_steps, cfg.cluster.num_trainers, cfg.cluster.num_engines) == (10, 2, 1)
     assert cfg.checkpoint.every == 5 and cfg.cluster.num_gpus == 0
 
