@@ -111,7 +111,7 @@ def test_render_prompt_text_templates():
         "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
         "<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="^data.template: 'alpaca' is not one of raw, plain, qwen-base, "
-                                         "qwen-instruct, llama-instruct, chatml$"):
+                                         "qwen-instruct, llama-instruct, chatml, chatml-brief$"):
         render_prompt(ex, "alpaca")
     with pytest.raises(ValueError, match="^data.template: 'chatml' needs a tokenizer with a chat template"):
         render_prompt(ex, "chatml", tokenizer=None)
