@@ -12,7 +12,7 @@ import pytest
 from orchestrator.tracker import read_metrics
 
 TINY = ["data.prompts_per_step=2", "data.samples_per_prompt=2", "sampling.max_new_tokens=8", "data.size=64",
-        "logging.wandb=disabled", "checkpoint.every=1", "train.lr=1e-4"]
+        "logging.wandb=disabled", "checkpoint.every=1", "train.lr=1e-4", "sync.verify_every=1"]
 EXACT_KEYS = ["train/reward_mean", "train/loss", "train/kl", "train/pg_loss", "train/grad_norm",
               "spec/accept_rate", "spec/mean_accept_len", "spec/on_frac", "rollout/num_tokens"]
 
@@ -68,6 +68,7 @@ def test_er_train_writes_run_dir_and_metrics(full_run):
                 "timing/sync_s", "spec/accept_rate", "spec/mean_accept_len", "spec/on_frac", "spec/requant_s"]:
         assert all(key in r for r in rows), key
     assert all(r["spec/requant_s"] > 0 for r in rows)  # the drafter is re-quantized at every sync
+    assert all(r["sync/verified"] == 1.0 for r in rows)  # engine weights == trainer weights (checksum)
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "step_000003" / "state.json").is_file()
     assert "reward" in out.stdout and "acc_rate" in out.stdout  # the per-step table
 
