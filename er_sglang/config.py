@@ -159,7 +159,7 @@ def _load_yaml(path: str, seen: tuple = ()):
         raise ConfigError(f"{path}: defaults include themselves")
     try:
         cfg = OmegaConf.load(p)
-    except Exception as exc:  # yaml.YAMLError and friends: report the file and the first line
+    except Exception as exc:  # noqa: BLE001 - yaml.YAMLError and friends: report the file and the first line
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not OmegaConf.is_dict(cfg):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")

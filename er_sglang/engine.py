@@ -69,7 +69,7 @@ class SpecStats:
     def spec_on_frac(self) -> float:
         return self.num_spec_steps / self.num_steps if self.num_steps else 0.0
 
-    def merge(self, other: "SpecStats") -> "SpecStats":
+    def merge(self, other: SpecStats) -> SpecStats:
         out = SpecStats()
         for name in ("num_steps", "num_spec_steps", "num_drafted", "num_accepted", "num_emitted",
                      "num_seq_steps", "requant_s"):

@@ -53,7 +53,7 @@ class ReferenceEngine:
             raise ValueError("spec.mode needs a drafter, but none was built")
 
     @classmethod
-    def from_config(cls, cfg, progress: bool = False) -> "ReferenceEngine":
+    def from_config(cls, cfg, progress: bool = False) -> ReferenceEngine:
         from transformers import AutoModelForCausalLM
 
         from er_sglang.models import model_info, resolve_model_path

@@ -85,7 +85,7 @@ def verify_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tu
     draft_tokens int64 [B, gamma], target_logits [B, gamma+1, V] -> (tokens [B, gamma+1], num_accepted [B]),
     same layout as `verify`.
     """
-    batch, gamma = draft_tokens.shape
+    gamma = draft_tokens.shape[1]
     best = target_logits.argmax(-1)  # [B, gamma+1]
     num_accepted = (draft_tokens == best[:, :gamma]).long().cumprod(dim=1).sum(dim=1)
     positions = torch.arange(gamma + 1, device=draft_tokens.device).unsqueeze(0)

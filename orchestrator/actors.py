@@ -129,10 +129,11 @@ def trainer_kwargs_from(cfg) -> dict:
     from er_sglang.models import resolve_model_path
 
     t = cfg.train
-    return dict(model_path=str(resolve_model_path(cfg.model.path)), lr=t.lr, weight_decay=t.weight_decay,
-                grad_clip=t.grad_clip, kl_coef=t.kl_coef, kl_type=t.kl_type, entropy_coef=t.entropy_coef,
-                clip_low=t.clip_low, clip_high=t.clip_high, micro_batch_size=t.micro_batch_size,
-                mini_batch_size=max(t.mini_batch_size // cfg.cluster.num_trainers, 1) if t.mini_batch_size else None, ppo_epochs=t.ppo_epochs,
-                use_ref_model=t.use_ref_model, temperature=cfg.sampling.temperature or 1.0, seed=cfg.seed,
-                device="cuda" if cfg.cluster.num_gpus else "cpu",
-                activation_checkpointing=t.activation_checkpointing)
+    per_rank_mini = max(t.mini_batch_size // cfg.cluster.num_trainers, 1) if t.mini_batch_size else None
+    return {"model_path": str(resolve_model_path(cfg.model.path)), "lr": t.lr, "weight_decay": t.weight_decay,
+            "grad_clip": t.grad_clip, "kl_coef": t.kl_coef, "kl_type": t.kl_type, "entropy_coef": t.entropy_coef,
+            "clip_low": t.clip_low, "clip_high": t.clip_high, "micro_batch_size": t.micro_batch_size,
+            "mini_batch_size": per_rank_mini, "ppo_epochs": t.ppo_epochs, "use_ref_model": t.use_ref_model,
+            "temperature": cfg.sampling.temperature or 1.0, "seed": cfg.seed,
+            "device": "cuda" if cfg.cluster.num_gpus else "cpu",
+            "activation_checkpointing": t.activation_checkpointing}

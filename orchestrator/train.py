@@ -41,7 +41,7 @@ def train(cfg, run_dir: Path, resume_from: Path | None) -> int:
             t1 = time.perf_counter()
             rewards = [reward(prompts.decode(r.output_ids), examples[r.prompt_index // group].answer)
                        for r in rollouts]
-            batches, advantages = make_train_batches(rollouts, rewards, cfg.data.samples_per_prompt,
+            batches, _ = make_train_batches(rollouts, rewards, cfg.data.samples_per_prompt,
                                                      len(trainers), prompts.pad_id)
             ray.get([e.sleep.remote() for e in engines])
             train_metrics = ray.get([t.train_step.remote(b) for t, b in zip(trainers, batches)])[0]

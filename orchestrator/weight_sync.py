@@ -40,7 +40,7 @@ class WeightSync:
         for i, call in enumerate(calls):
             try:
                 timings.append(ray.get(call))
-            except Exception as exc:  # the engine raised: it kept its previous weights
+            except Exception as exc:  # noqa: BLE001 - the engine raised: it kept its previous weights
                 raise WeightSyncError(f"weight sync failed on engine {i}: {_first_line(exc)}") from None
         self.num_syncs += 1
         out = {"timing/sync_s": time.perf_counter() - t0, "timing/sync_gather_s": gather_s,

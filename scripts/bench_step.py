@@ -209,7 +209,7 @@ def cmd_table(args) -> None:
         g = r["gamma"]
         td = r["t_draft_ms"] / g / t_ar if t_ar and g else None
         tv = r["t_verify_ms"] / t_ar if t_ar and r["t_verify_ms"] else None
-        f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+        f = lambda x: "" if x is None else f"{x:.3f}"
         print(f"| {r['seq']} | {r['batch']} | {g} | {f(r['ms_per_step'])} | {f(r['t_draft_ms'])} | "
               f"{f(r['t_verify_ms'])} | {f(t_ar)} | {f(td)} | {f(tv)} |")
 

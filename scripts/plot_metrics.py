@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from orchestrator.tracker import read_metrics  # noqa: E402
+from orchestrator.tracker import read_metrics
 
 
 def main() -> int:

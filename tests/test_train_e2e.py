@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,7 @@ EXACT_KEYS = ["train/reward_mean", "train/loss", "train/kl", "train/pg_loss", "t
 def _er_train(*args, timeout=600, **popen):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, **popen)
+                          timeout=timeout, env=env, check=False, **popen)
 
 
 @pytest.mark.parametrize("args, key", [
@@ -83,7 +82,7 @@ def test_er_train_ctrl_c_saves_and_resume_continues_exactly(full_run, tmp_path):
     while time.time() < deadline and not (run / "metrics.jsonl").is_file():
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=500)
+    _, stderr = proc.communicate(timeout=500)
     rows = read_metrics(run / "metrics.jsonl")
     if len(rows) == 3:
         pytest.skip("the run finished before the interrupt landed")

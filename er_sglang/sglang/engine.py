@@ -72,7 +72,7 @@ class SGLangEngine:
         self._stats_no_sd = SpecStats()
 
     @classmethod
-    def from_config(cls, cfg) -> "SGLangEngine":
+    def from_config(cls, cfg) -> SGLangEngine:
         spec = {"mode": _get(cfg, "spec.mode", "no-sd"), "gamma": int(_get(cfg, "spec.gamma", 7)),
                 "gamma_ladder": [int(g) for g in _get(cfg, "spec.gamma_ladder", (5, 7, 9, 11))],
                 "roofline": _get(cfg, "spec.roofline") or _get(cfg, "roofline.path"),

@@ -57,7 +57,7 @@ class GammaParams:
 
     def __init__(self, policy, candidates: list[int]):
         self.policy = policy
-        self._candidates = sorted(set(int(g) for g in candidates))
+        self._candidates = sorted({int(g) for g in candidates})
         self.mean_seq = 0.0
         self.forced: int | None = None
         self._cuda_graph_bs = None
@@ -71,7 +71,7 @@ class GammaParams:
 
     def cuda_graph_bs_for_step(self, step: int):
         """None: every state captures SGLang's full decode bs list (no per-gamma pruning)."""
-        return None
+        return
 
     def snap(self, gamma: int) -> int:
         below = [g for g in self._candidates if g <= gamma]
@@ -84,4 +84,4 @@ class GammaParams:
 
     def on_verify_complete(self, num_correct_drafts_per_req, batch_size: int):
         """Decisions happen in get_steps_for_batch; feedback reaches the policy via the worker."""
-        return None
+        return

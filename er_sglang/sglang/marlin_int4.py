@@ -91,8 +91,8 @@ class MarlinInt4Method:
     """quant_method for a draft LinearBase whose weight lives in `layer.er_int4` (Marlin buffers)."""
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        from sglang.srt.layers.quantization.marlin_utils import apply_awq_marlin_linear
         from sgl_kernel.scalar_type import scalar_types
+        from sglang.srt.layers.quantization.marlin_utils import apply_awq_marlin_linear
 
         b = layer.er_int4
         return apply_awq_marlin_linear(

@@ -19,9 +19,8 @@ import logging
 import time
 from collections import deque
 
-import torch
-
 import sglang.srt.speculative.standalone_worker_v2 as _standalone
+import torch
 from sglang.srt.layers.linear import LinearBase
 from sglang.srt.runtime_context import get_spec
 from sglang.srt.speculative.adaptive_runtime_state import AdaptiveController

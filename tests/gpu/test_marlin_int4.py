@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("sglang")
 
-from er_sglang.sglang import marlin_int4 as mi  # noqa: E402
+from er_sglang.sglang import marlin_int4 as mi
 
 pytestmark = pytest.mark.gpu
 RESULTS = os.environ.get("ER_GPU_RESULTS", "/tmp/er_gpu_results")

@@ -11,11 +11,11 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("sglang")
 
-from er_sglang.engine import SamplingParams  # noqa: E402
-from er_sglang.sglang.engine import SGLangEngine  # noqa: E402
+from er_sglang.engine import SamplingParams
+from er_sglang.sglang.engine import SGLangEngine
 
-from .conftest import small_engine_args  # noqa: E402
-from .test_sglang_engine import RESULTS, ROOFLINE  # noqa: E402
+from .conftest import small_engine_args
+from .test_sglang_engine import RESULTS, ROOFLINE
 
 pytestmark = pytest.mark.gpu
 
