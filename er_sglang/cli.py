@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from er_sglang.config import ConfigError, RolloutJob, load_config
+from er_sglang.config import BAD_INPUT, ConfigError, RolloutJob, load_config, reject_options, report_bad_input
 
 USAGE = "usage: er-rollout [CONFIG.yaml] [key=value ...] [--out PATH]"
 
@@ -45,14 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         argv, out = _split_out(argv)
-        bad = [a for a in argv if a.startswith("-")]
-        if bad:
-            raise ConfigError(f"{bad[0]}: unknown option ({USAGE})")
+        reject_options(argv, USAGE)
         cfg = load_config(RolloutJob, argv)
         summary = run(cfg, progress=sys.stderr.isatty())
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except BAD_INPUT as exc:
+        return report_bad_input(exc)
     line = json.dumps(summary)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

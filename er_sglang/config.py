@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,22 @@ class RolloutJob:
         _require(self.engine in ENGINES, "engine", f"one of {ENGINES}", self.engine)
         if self.sglang and self.engine != "sglang":
             raise ConfigError("sglang: only used with engine=sglang; remove it or set engine=sglang")
+
+
+BAD_INPUT = (ConfigError, ValueError, FileNotFoundError)
+
+
+def reject_options(argv: list[str], usage: str) -> None:
+    """CLIs take [CONFIG.yaml] key=value ...: any other dash option is bad input."""
+    bad = [a for a in argv if a.startswith("-")]
+    if bad:
+        raise ConfigError(f"{bad[0]}: unknown option ({usage})")
+
+
+def report_bad_input(exc: Exception) -> int:
+    """One `error:` line on stderr and exit code 2 (no traceback)."""
+    print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+    return 2
 
 
 def resolve_path(path: str) -> Path:

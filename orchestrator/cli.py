@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from er_sglang.config import ConfigError, load_config, to_yaml
+from er_sglang.config import BAD_INPUT, ConfigError, load_config, reject_options, report_bad_input, to_yaml
 from orchestrator.config import TrainConfig
 
 USAGE = "usage: er-train [CONFIG.yaml] [key=value ...]   (resume=auto|PATH continues a run)"
@@ -22,9 +22,7 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, Path, Path | None]:
     from er_sglang.models import resolve_model_path
     from orchestrator import checkpoint
 
-    bad = [a for a in argv if a.startswith("-")]
-    if bad:
-        raise ConfigError(f"{bad[0]}: unknown option ({USAGE})")
+    reject_options(argv, USAGE)
     cfg = load_config(TrainConfig, argv)
     resolve_model_path(cfg.model.path)  # raises ValueError naming model.path
     load_dataset(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed)  # raises naming data.train
@@ -57,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg, run_dir, resume_from = prepare(argv)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except BAD_INPUT as exc:
+        return report_bad_input(exc)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     where = f"resuming from {resume_from}" if resume_from else "new run"
