@@ -1,0 +1,147 @@
+"""CLI of the roofline model: `python -m er_sglang.roofline {predict,boundary,plot,validate,fit}`.
+
+Each command prints one JSON line; bad input prints one `error: ...` line on stderr and exits 2.
+Usage is documented in `er_sglang/roofline.py`'s module docstring.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from er_sglang.roofline import (
+    COLD_START_ACCEPT_LEN,
+    PARAM_KEYS,
+    SHAPE_KEYS,
+    Roofline,
+    RooflineParams,
+    fit_stage1,
+    fit_stage2,
+    load_records,
+    model_constants,
+    validate,
+)
+
+
+def _parse_accept_len(text: str):
+    """'6' -> 6.0; '3:3,7:6,11:8' -> {3: 3.0, 7: 6.0, 11: 8.0}."""
+    try:
+        if ":" not in text:
+            return float(text)
+        return {int(k): float(v) for k, v in (item.split(":") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'gamma:L,...', got {text!r}") from None
+
+
+def _shapes_from_file(path) -> dict:
+    """--model-shapes: an HF config.json (has hidden_size) or a JSON with W_t, W_d, C_dense, C_attn."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        if "hidden_size" in raw:
+            return model_constants(raw)
+        return {key: float(raw[key]) for key in SHAPE_KEYS}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--model-shapes {path}: need an HF config.json or keys {SHAPE_KEYS} ({e!r})") from None
+
+
+def _cmd_fit(args) -> dict:
+    ar, sd = load_records(args.ar, args.sd)
+    shapes = _shapes_from_file(args.model_shapes)
+    BW, kappa, c_T = fit_stage1(ar, args.flops, shapes["W_t"], shapes["C_dense"], shapes["C_attn"])
+    params = RooflineParams(BW=BW, F=args.flops, kappa=kappa, eta_d=1.0, c_T=c_T, c_D=0.0, c_V=0.0,
+                            **{k: shapes[k] for k in SHAPE_KEYS})
+    params.eta_d, params.c_D, params.c_V = fit_stage2(sd, params)
+    report = validate(params, ar, sd, args.accept_len)
+    params.meta = {"gpu": args.gpu, "model": args.model, "source": f"fit of {args.ar} + {args.sd}",
+                   "accept_len": args.accept_len, "validation": report}
+    params.to_json(args.out)
+    return {"out": args.out, **{k: getattr(params, k) for k in PARAM_KEYS}, **report}
+
+
+def _cmd_plot(args) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model, batches = Roofline(RooflineParams.from_json(args.config)), np.arange(1, args.max_batch + 1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for L in args.accept_lens:
+        ax.plot(batches, model.speedup(batches, args.seq, args.gamma, L), label=f"L = {L:g}")
+    for level in (1.0, 1.05):
+        ax.axhline(level, color="gray", linestyle="--", linewidth=1)
+    ax.set(xscale="log", xlabel="active batch B", ylabel="predicted SD speedup",
+           title=f"{model.p.meta.get('gpu', '')} {model.p.meta.get('model', '')} S={args.seq:g} gamma={args.gamma}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    plt.close(fig)
+    return {"out": args.out}
+
+
+def _run(args) -> dict:
+    if args.cmd == "fit":
+        return _cmd_fit(args)
+    if args.cmd == "plot":
+        return _cmd_plot(args)
+    params = RooflineParams.from_json(args.config)
+    if args.cmd == "validate":
+        return validate(params, *load_records(args.ar, args.sd), args.accept_len)
+    model = Roofline(params)
+    if args.cmd == "predict":
+        return model.predict(args.batch, args.seq, args.gamma, args.accept_len)
+    b = model.boundary_batch(args.seq, args.gamma, args.accept_len, args.threshold, args.max_batch)
+    return {"seq": args.seq, "gamma": args.gamma, "accept_len": args.accept_len,
+            "threshold": args.threshold, "boundary_batch": b}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m er_sglang.roofline", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    cmds = {name: sub.add_parser(name) for name in ("predict", "boundary", "plot", "validate", "fit")}
+    for name in ("predict", "boundary", "plot", "validate"):
+        cmds[name].add_argument("--config", required=True, help="roofline JSON (configs/roofline/*.json)")
+    for name in ("predict", "boundary", "plot"):
+        cmds[name].add_argument("--seq", type=float, required=True, help="mean context tokens S")
+        cmds[name].add_argument("--gamma", type=int, required=True, help="draft length")
+    cmds["predict"].add_argument("--batch", type=int, required=True, help="active sequences B")
+    for name in ("predict", "boundary"):
+        cmds[name].add_argument("--accept-len", type=float, required=True, help="mean accepted length L")
+    cmds["boundary"].add_argument("--threshold", type=float, default=1.05)
+    cmds["boundary"].add_argument("--max-batch", type=int, default=1024)
+    cmds["plot"].add_argument("--accept-lens", required=True,
+                              type=lambda s: [float(x) for x in s.split(",")], help="e.g. 3,4.5,6")
+    cmds["plot"].add_argument("--max-batch", type=int, default=256)
+    cmds["plot"].add_argument("--out", required=True, help="PNG path")
+    for name in ("validate", "fit"):
+        cmds[name].add_argument("--ar", required=True, help="AR decode timings (records with mode 'ar')")
+        cmds[name].add_argument("--sd", required=True, help="SD timings over several gamma (may be the --ar file)")
+        cmds[name].add_argument("--accept-len", type=_parse_accept_len,
+                                default=dict(COLD_START_ACCEPT_LEN), help="L, or per gamma '3:3,7:6,11:8'")
+    fit = cmds["fit"]
+    fit.add_argument("--flops", type=float, required=True, help="effective FLOP/s F from a GEMM benchmark")
+    fit.add_argument("--model-shapes", required=True, help="HF config.json, or JSON with W_t, W_d, C_dense, C_attn")
+    fit.add_argument("--out", required=True, help="roofline JSON to write")
+    fit.add_argument("--gpu", default="unknown")
+    fit.add_argument("--model", default="unknown")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        result = _run(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    print(json.dumps(result, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
+    return 0
