@@ -28,9 +28,6 @@ class TrainerActor:
     def train_step(self, batch: dict) -> dict:
         return self.trainer.train_step(batch)
 
-    def full_state_dict(self):
-        return self.trainer.full_state_dict()
-
     def local_state_dict(self):
         return self.trainer.local_state_dict()
 

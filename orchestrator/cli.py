@@ -16,16 +16,17 @@ from orchestrator.config import TrainConfig
 USAGE = "usage: er-train [CONFIG.yaml] [key=value ...]   (resume=auto|PATH continues a run)"
 
 
-def prepare(argv: list[str]) -> tuple[TrainConfig, Path, Path | None]:
-    """Validate everything cheap to validate; returns (config, run_dir, checkpoint to resume from)."""
-    from er_sglang.data import load_dataset
-    from er_sglang.models import resolve_model_path
+def prepare(argv: list[str]):
+    """Validate everything cheap to validate before anything is written.
+
+    Returns (config, run_dir, checkpoint to resume from or None, the run's PromptSource).
+    """
     from orchestrator import checkpoint
+    from orchestrator.prompts import PromptSource
 
     reject_options(argv, USAGE)
     cfg = load_config(TrainConfig, argv)
-    resolve_model_path(cfg.model.path)  # raises ValueError naming model.path
-    load_dataset(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed)  # raises naming data.train
+    prompts = PromptSource(cfg)  # loads the data and the tokenizer: raises naming data.train / model.path
     total = cfg.data.prompts_per_step * cfg.data.samples_per_prompt
     if cfg.cluster.num_trainers > total:
         raise ConfigError(f"cluster.num_trainers: expected <= prompts x samples per step ({total})")
@@ -45,7 +46,7 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, Path, Path | None]:
         run_dir = Path(cfg.run_dir) if cfg.run_dir else _default_run_dir(cfg)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"run_dir: {run_dir} already holds a run; pass resume=auto or another run_dir")
-    return cfg, run_dir, resume_from
+    return cfg, run_dir, resume_from, prompts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     try:
-        cfg, run_dir, resume_from = prepare(argv)
+        cfg, run_dir, resume_from, prompts = prepare(argv)
     except BAD_INPUT as exc:
         return report_bad_input(exc)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"er-train: {where} in {run_dir} (spec.mode={cfg.spec.mode}, model={cfg.model.path})", flush=True)
     from orchestrator.train import train
 
-    code = train(cfg, run_dir, resume_from)
+    code = train(cfg, run_dir, resume_from, prompts)
     print(f"er-train: done in {run_dir} (metrics.jsonl, checkpoints/)", flush=True)
     return code
 

@@ -17,12 +17,11 @@ from orchestrator.tracker import Tracker
 from orchestrator.weight_sync import WeightSync
 
 
-def train(cfg, run_dir: Path, resume_from: Path | None) -> int:
+def train(cfg, run_dir: Path, resume_from: Path | None, prompts: PromptSource) -> int:
     """Run GRPO until train.num_steps; returns the exit code (0, or 130 after Ctrl-C and a checkpoint)."""
     start_ray(cfg.cluster)
     trainers, engines = place_actors(cfg, _free_port())
     sync = WeightSync(trainers, engines, cfg.sync.verify_every)
-    prompts = PromptSource(cfg)
     step = 0
     if resume_from is not None:
         state = checkpoint.load(resume_from, trainers, engines)
