@@ -52,6 +52,7 @@ class SpecConfig:
     min_dwell_steps: int = 8
     drafter_backend: str = "auto"
     group_size: int = 128
+    bs_max: int | None = None  # GPU: no gamma > 0 graphs above this batch (default: from the roofline)
 
     def __post_init__(self):
         _require(self.mode in SPEC_MODES, "spec.mode", f"one of {SPEC_MODES}", self.mode)
@@ -69,6 +70,8 @@ class SpecConfig:
                  f"one of {DRAFTER_BACKENDS}", self.drafter_backend)
         _require(self.group_size in (32, 64, 128, 256), "spec.group_size", "32, 64, 128 or 256",
                  self.group_size)
+        if self.bs_max is not None:
+            _require(self.bs_max >= 0, "spec.bs_max", "an int >= 0 or null", self.bs_max)
         if self.mode in ("toggle", "adaptive", "argmax"):
             _require(resolve_path(self.roofline).is_file(), "spec.roofline", "an existing roofline JSON file",
                      self.roofline)

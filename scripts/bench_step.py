@@ -5,13 +5,14 @@
     python scripts/bench_step.py plot --json OUT.json --png OUT.png   # anywhere with matplotlib
     python scripts/bench_step.py table --json OUT.json                # markdown for docs/benchmarks.md
 
-SD: one SGLangEngine (self-draft, rejection sampling, CUDA graphs per gamma), gamma pinned per point
-through the plugin RPC; the worker's CUDA events time each decode step ("step"), the draft's
-(gamma-1)-step decode graph ("draft"), the draft extend over the gamma+1 verified tokens ("extend") and
-the target verify ("verify"); t_draft = draft + extend. Only steps that ran the full batch B count.
-AR: plain SGLang (no speculation) in a second engine; ms per step = (T(N+1 tokens) - T(1 token)) / N
-wall clock with the prompt cached (the same wall-clock number is also given for SD at gamma = 0).
-Points run in priority order (S=2048 first) until --limit-s; the JSON is rewritten after every point.
+SD: one SGLangEngine (shared-KV self-draft worker, rejection sampling, graph states for every gamma at every
+B), gamma pinned per point through the plugin RPC; the worker's CUDA events time each decode step ("step"),
+the gamma draft forwards ("draft"; t_draft_step_ms = ONE forward incl. its sampling = draft / gamma), the
+target verify ("verify") and, at gamma = 0, the plain decode step ("decode"). Only steps that ran the full
+batch B count. AR: plain SGLang (no speculation) in a second engine of the same run.
+ms_per_step_wall = (T(N+1 tokens) - T(1 token)) / steps, wall clock with the prompt cached, for both; the
+gamma = 0 vs AR comparison uses it. Points run in priority order (S=2048 first) until --limit-s; the JSON
+is rewritten after every point.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 ROOFLINE = os.path.join(ROOT, "configs", "roofline", "a100_tp1_qwen2.5-7b.json")
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
-GAMMAS = [0, 3, 5, 7, 9, 11]
+GAMMAS = [0, 1, 2, 3, 5, 7]
 
 
 def cmd_make(args) -> None:
@@ -54,7 +55,8 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.t0 = time.time()
-        self.out = {"device": None, "records": [], "meta": {"cmd": " ".join(sys.argv)}}
+        self.out = {"device": None, "backend": args.backend, "records": [],
+                    "meta": {"cmd": " ".join(sys.argv), "max_total_num_tokens": {}}}
 
     def left(self) -> float:
         return self.args.limit_s - (time.time() - self.t0)
@@ -66,6 +68,7 @@ class Bench:
 
     def sglang_args(self) -> dict:
         return {"load_format": "dummy", "max_running_requests": max(self.args.batches),
+                "attention_backend": self.args.backend,
                 "cuda_graph_bs_decode": self.args.batches, "mem_fraction_static": 0.7,
                 "disable_prefill_cuda_graph": True, "context_length": max(self.args.seqs) + 512,
                 "chunked_prefill_size": 16384, "random_seed": 0, "log_level": "warning"}
@@ -88,15 +91,17 @@ class Bench:
     def run_sd(self) -> None:
         from er_sglang.sglang.engine import SGLangEngine
 
+        # graphs for every gamma at every B (bs_max): the benchmark maps the whole B x gamma plane
         spec = {"mode": "argmax", "gamma": 3, "gamma_ladder": [g for g in self.args.gammas if g > 0],
-                "roofline": ROOFLINE, "timing": True}
+                "roofline": ROOFLINE, "timing": True, "bs_max": max(self.args.batches)}
         t = time.time()
         eng = SGLangEngine(self.args.model, spec, self.sglang_args())
         info = eng.engine.get_server_info()
         st = eng.rpc("stats")
+        self.out["meta"]["max_total_num_tokens"]["argmax"] = info.get("max_total_num_tokens")
         self.out["meta"]["sd"] = {"startup_s": round(time.time() - t, 1), "int4_bytes": st["int4_bytes"],
-                                  "num_int4_linears": st["num_int4_linears"],
-                                  "max_total_num_tokens": info.get("max_total_num_tokens"),
+                                  "num_int4_linears": st["num_int4_linears"], "graphs": st["graphs"],
+                                  "graph_init_s": st["graph_init_s"],
                                   "requant_s": [eng.rpc("requantize")["requant_s"] for _ in range(3)]}
         self.save()
         try:
@@ -123,10 +128,11 @@ class Bench:
         st = eng.rpc("stats", reset=True)
         ms = {k["kind"]: k["ms"] for k in st["timing"] if k["gamma"] == g and k["batch"] == b}
         nsteps = {k["kind"]: k["n"] for k in st["timing"] if k["gamma"] == g and k["batch"] == b}
-        rec = {"mode": "sd", "gamma": g, "batch": b, "seq": s, "ms_per_step": ms.get("step"),
-               "t_draft_ms": ms.get("draft", 0.0) + ms.get("extend", 0.0), "t_draft_decode_ms": ms.get("draft", 0.0),
-               "t_extend_ms": ms.get("extend"), "t_verify_ms": ms.get("verify"), "num_steps": nsteps.get("step"),
-               "ms_per_step_wall": 1e3 * (tn - t1) / max(st["num_steps"], 1),
+        rec = {"mode": "sd", "gamma": g, "batch": b, "seq": s, "backend": self.args.backend,
+               "ms_per_step": ms.get("step"), "t_draft_ms": ms.get("draft", 0.0),
+               "t_draft_step_ms": ms["draft"] / g if g and "draft" in ms else None,
+               "t_verify_ms": ms.get("verify"), "t_decode_ms": ms.get("decode"), "num_steps": nsteps.get("step"),
+               "gamma_hist": st["gamma_hist"], "ms_per_step_wall": 1e3 * (tn - t1) / max(st["num_steps"], 1),
                "accept_len": st["num_emitted"] / max(st["num_seq_steps"], 1), "device": self.out["device"]}
         self.out["records"].append(rec)
         print("SD", json.dumps(rec), flush=True)
@@ -136,8 +142,8 @@ class Bench:
 
         t = time.time()
         eng = SGLangEngine(self.args.model, {"mode": "no-sd", "gamma": 0, "gamma_ladder": [1]}, self.sglang_args())
-        self.out["meta"]["ar"] = {"startup_s": round(time.time() - t, 1),
-                                  "max_total_num_tokens": eng.engine.get_server_info().get("max_total_num_tokens")}
+        self.out["meta"]["ar"] = {"startup_s": round(time.time() - t, 1)}
+        self.out["meta"]["max_total_num_tokens"]["no-sd"] = eng.engine.get_server_info().get("max_total_num_tokens")
         n = 32
         try:
             for s, b in plan(self.args.seqs, self.args.batches, self.args.gammas):
@@ -149,7 +155,8 @@ class Bench:
                 self.timed(eng, prompts, 1)
                 t1 = min(self.timed(eng, prompts, 1) for _ in range(2))
                 tn = self.timed(eng, prompts, n + 1)
-                rec = {"mode": "ar", "gamma": 0, "batch": b, "seq": s, "ms_per_step": 1e3 * (tn - t1) / n,
+                rec = {"mode": "ar", "gamma": 0, "batch": b, "seq": s, "backend": self.args.backend,
+                       "ms_per_step": 1e3 * (tn - t1) / n,
                        "ms_per_step_wall": 1e3 * (tn - t1) / n, "t_draft_ms": 0.0, "t_verify_ms": None,
                        "device": self.out["device"]}
                 self.out["records"].append(rec)
@@ -200,18 +207,19 @@ def cmd_plot(args) -> None:
 
 
 def cmd_table(args) -> None:
+    """Markdown: per (S, B) the AR step, gamma=0 / AR (wall), and per gamma the step, r, verify / AR."""
     _, recs = _rows(args.json)
     ar = {(r["seq"], r["batch"]): r["ms_per_step"] for r in recs if r["mode"] == "ar"}
-    print("| S | B | gamma | ms/step | t_draft ms | t_verify ms | AR ms | T_D/T_T (per draft token) | T_V/T_T |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+    print("| S | B | gamma | ms/step | ms/step wall | AR ms | step/AR (wall) | t_draft_step ms | r = draft step/AR "
+          "| t_verify ms | verify/AR |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted((r for r in recs if r["mode"] == "sd"), key=lambda r: (r["seq"], r["batch"], r["gamma"])):
         t_ar = ar.get((r["seq"], r["batch"]))
-        g = r["gamma"]
-        td = r["t_draft_ms"] / g / t_ar if t_ar and g else None
-        tv = r["t_verify_ms"] / t_ar if t_ar and r["t_verify_ms"] else None
-        f = lambda x: "" if x is None else f"{x:.3f}"
-        print(f"| {r['seq']} | {r['batch']} | {g} | {f(r['ms_per_step'])} | {f(r['t_draft_ms'])} | "
-              f"{f(r['t_verify_ms'])} | {f(t_ar)} | {f(td)} | {f(tv)} |")
+        ratio = lambda x: x / t_ar if t_ar and x else None  # noqa: E731
+        print(f"| {r['seq']} | {r['batch']} | {r['gamma']} | {f(r['ms_per_step'])} | {f(r['ms_per_step_wall'])} | "
+              f"{f(t_ar)} | {f(ratio(r['ms_per_step_wall']))} | {f(r.get('t_draft_step_ms'))} | "
+              f"{f(ratio(r.get('t_draft_step_ms')))} | {f(r['t_verify_ms'])} | {f(ratio(r['t_verify_ms']))} |")
 
 
 def main(argv=None) -> None:
@@ -226,6 +234,7 @@ def main(argv=None) -> None:
     r.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=BATCHES)
     r.add_argument("--gammas", type=lambda x: [int(v) for v in x.split(",")], default=GAMMAS)
     r.add_argument("--parts", type=lambda x: x.split(","), default=["sd", "ar"])
+    r.add_argument("--backend", default="flashinfer", choices=["flashinfer", "triton", "fa3"])
     r.add_argument("--limit-s", type=float, default=540.0)
     r.add_argument("--ar-reserve-s", type=float, default=100.0)
     for name in ("plot", "table"):

@@ -63,7 +63,7 @@ def test_configs_experiment_mode_files_set_mode_and_paper_recipe(model):
         assert (cfg.data.template, cfg.data.train) == (template, data)
         assert cfg.sampling.max_new_tokens == 8192 and cfg.sampling.temperature == 1.0
         assert cfg.train.lr == 5e-7 and cfg.train.kl_coef == kl_coef and cfg.train.kl_type == "low_var_kl"
-        assert cfg.sglang == {"attention_backend": "triton", "sampling_backend": "pytorch",
+        assert cfg.sglang == {"attention_backend": "flashinfer", "sampling_backend": "pytorch",
                               "mem_fraction_static": 0.7}
 
 

@@ -4,24 +4,24 @@
     rollouts = eng.generate(prompt_ids, SamplingParams(max_new_tokens=256))
     eng.update_weights(state_dict)             # target in place, then the draft re-quantized in place
 
-spec.mode == "no-sd" starts plain SGLang decoding; every other mode starts STANDALONE with the draft
-path = the target path, loaded "dummy" and turned into the int4 self-drafter by the plugin
-(er_sglang/sglang/plugin.py), rejection sampling on, and SGLang's adaptive controller driven by our
-SpecPolicy (one CUDA-graph set per gamma in {0} U ladder). Everything SGLang is imported lazily.
+spec.mode == "no-sd" starts plain SGLang decoding; every other mode starts STANDALONE, whose worker the
+plugin (er_sglang/sglang/plugin.py) replaces with the shared-KV self-draft worker (worker.py): no draft
+model is loaded, the target's linears get int4 twins, the draft runs on the target's KV pool, gamma = 0 is
+the target's plain decode step, rejection sampling on. Everything SGLang is imported lazily.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import tempfile
 import time
 
 from er_sglang.engine import Rollout, SamplingParams, SpecStats
 from er_sglang.sglang.gamma import SPEC_ENV, candidate_gammas
 
-# Defaults that work with the device kit (no FA3, no flashinfer JIT sources); `sglang:` overrides them.
-KIT_DEFAULTS = {"attention_backend": "triton", "sampling_backend": "pytorch", "log_level": "warning"}
+# GPU defaults; `sglang:` overrides them (attention_backend: triton / fa3 with a full install). The device
+# kit needs its FLASHINFER=1 build for flashinfer and has no flashinfer sampling kernels (sampling: pytorch).
+ENGINE_DEFAULTS = {"attention_backend": "flashinfer", "sampling_backend": "pytorch", "log_level": "warning"}
 POLICY_KEYS = ("margin", "rampup_batch", "ladder_up", "ladder_down", "ladder_patience", "hysteresis",
                "min_dwell_steps", "prior_alpha", "prior_strength")
 
@@ -60,7 +60,7 @@ class SGLangEngine:
         self.model_path = model_path
         self.spec = dict(spec)
         self.mode = self.spec["mode"]
-        kwargs = dict(KIT_DEFAULTS, model_path=model_path, skip_tokenizer_init=True)
+        kwargs = dict(ENGINE_DEFAULTS, model_path=model_path, skip_tokenizer_init=True)
         if self.mode != "no-sd":
             kwargs.update(self._spec_server_args())
             os.environ[SPEC_ENV] = json.dumps(self.spec)
@@ -76,7 +76,7 @@ class SGLangEngine:
         spec = {"mode": _get(cfg, "spec.mode", "no-sd"), "gamma": int(_get(cfg, "spec.gamma", 7)),
                 "gamma_ladder": [int(g) for g in _get(cfg, "spec.gamma_ladder", (5, 7, 9, 11))],
                 "roofline": _get(cfg, "spec.roofline") or _get(cfg, "roofline.path"),
-                "timing": bool(_get(cfg, "spec.timing", False)),
+                "timing": bool(_get(cfg, "spec.timing", False)), "bs_max": _get(cfg, "spec.bs_max"),
                 "policy": {k: _get(cfg, f"spec.{k}") for k in POLICY_KEYS if _get(cfg, f"spec.{k}") is not None}}
         sglang_args = _get(cfg, "sglang", {}) or {}
         if not isinstance(sglang_args, dict):
@@ -87,15 +87,11 @@ class SGLangEngine:
 
     def _spec_server_args(self) -> dict:
         cands = candidate_gammas(self.mode, self.spec["gamma"], self.spec["gamma_ladder"])
-        # SGLang sizes shared buffers (logits rows, KV reserve) from the startup gamma: start at the largest.
+        # SGLang sizes shared buffers (logits rows, KV reserve per decode) from the startup gamma: the largest.
         startup = max(cands)
-        fd, path = tempfile.mkstemp(prefix="er_adaptive_", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"1": {"candidate_steps": cands}}, f)
         return {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": self.model_path,
                 "speculative_draft_load_format": "dummy", "speculative_eagle_topk": 1,
                 "speculative_num_steps": startup, "speculative_num_draft_tokens": startup + 1,
-                "speculative_adaptive": True, "speculative_adaptive_config": path,
                 "speculative_use_rejection_sampling": True}
 
     @staticmethod

@@ -1,11 +1,8 @@
-"""Per-step draft length inside SGLang: our SpecPolicy behind SGLang's adaptive-controller interface.
+"""Per-step draft length inside SGLang: our SpecPolicy, limited to the graph states the worker built.
 
-SGLang's `AdaptiveController` (speculative/adaptive_runtime_state.py) pre-builds one runtime state
-(attention backends + target-verify / draft-decode / draft-extend CUDA graphs) per candidate
-`speculative_num_steps` and, at the start of every decode step, calls
-`params.get_steps_for_batch(batch_size)`; a different answer swaps the whole state. `GammaParams`
-duck-types `AdaptiveSpeculativeParams` so that answer comes from `SpecPolicy.choose_gamma(B, S)`.
-Acceptance feedback goes to `SpecPolicy.observe` from the worker (it knows which gamma a result used).
+The worker (worker.py) asks `GammaChooser.choose(B, S)` at the start of every decode step; the answer comes
+from `SpecPolicy.choose_gamma(B, S)`, limited to the gammas whose graph states were built and to the batch
+sizes those states serve. Acceptance feedback goes to `SpecPolicy.observe` from the worker.
 
 No SGLang import here: this module is plain Python over er_sglang.policy / er_sglang.roofline.
 """
@@ -48,40 +45,47 @@ def spec_from_env() -> dict:
     return json.loads(raw)
 
 
-class GammaParams:
-    """Duck-types sglang AdaptiveSpeculativeParams; the policy decides gamma per decode step.
+class GammaChooser:
+    """Per decode step: the policy's gamma, snapped down to a built state, and 0 (plain decode) when that
+    gamma has no graphs at this batch size (B > B_max(gamma)).
 
-    The worker sets `mean_seq` (mean context of the batch about to run) before SGLang asks; `forced`
-    pins gamma (benchmarks). A policy answer outside the built states snaps down to the nearest one.
+    B_max(gamma) bounds the per-gamma graph sets: `spec.bs_max` if set, else the largest captured B where
+    the roofline predicts gamma can still win with near-perfect acceptance (alpha = BS_MAX_ALPHA) at a long
+    context (BS_MAX_SEQ); `rtn` (speculation on every step by definition) keeps every B.
     """
 
-    def __init__(self, policy, candidates: list[int]):
+    BS_MAX_ALPHA = 0.95
+    BS_MAX_SEQ = 4096
+
+    def __init__(self, policy, spec: dict):
         self.policy = policy
-        self._candidates = sorted({int(g) for g in candidates})
-        self.mean_seq = 0.0
+        self.mode = spec["mode"]
+        self.candidates = candidate_gammas(spec["mode"], spec["gamma"], spec["gamma_ladder"])
+        self.bs_max_cfg = spec.get("bs_max")
         self.forced: int | None = None
-        self._cuda_graph_bs = None
+        self.served_bs: dict[int, int] = {}  # gamma -> largest B its graphs serve (set by the worker)
 
-    @property
-    def candidate_steps(self) -> list[int]:
-        return self._candidates
+    def bs_max(self, gamma: int, bs_list: list[int]) -> int:
+        if gamma == 0:
+            return max(bs_list)
+        if self.bs_max_cfg is not None:
+            return int(self.bs_max_cfg)
+        roofline = getattr(self.policy, "roofline", None)
+        if self.mode == "rtn" or roofline is None:
+            return max(bs_list)
+        from er_sglang.roofline import expected_accept_len
 
-    def set_cuda_graph_bs(self, cuda_graph_bs) -> None:
-        self._cuda_graph_bs = sorted(cuda_graph_bs) if cuda_graph_bs else None
-
-    def cuda_graph_bs_for_step(self, step: int):
-        """None: every state captures SGLang's full decode bs list (no per-gamma pruning)."""
-        return
+        accept_len = expected_accept_len(self.BS_MAX_ALPHA, gamma)
+        pays = [b for b in bs_list if roofline.speedup(b, self.BS_MAX_SEQ, gamma, accept_len) > 1.0]
+        return max(pays) if pays else 0
 
     def snap(self, gamma: int) -> int:
-        below = [g for g in self._candidates if g <= gamma]
-        return below[-1] if below else self._candidates[0]
+        below = [g for g in self.candidates if g <= gamma]
+        return below[-1] if below else self.candidates[0]
 
-    def get_steps_for_batch(self, batch_size: int) -> int:
-        if self.forced is not None:
-            return self.snap(self.forced)
-        return self.snap(self.policy.choose_gamma(int(batch_size), float(self.mean_seq)))
-
-    def on_verify_complete(self, num_correct_drafts_per_req, batch_size: int):
-        """Decisions happen in get_steps_for_batch; feedback reaches the policy via the worker."""
-        return
+    def choose(self, batch_size: int, mean_seq: float) -> int:
+        want = self.forced if self.forced is not None else self.policy.choose_gamma(batch_size, mean_seq)
+        gamma = self.snap(int(want))
+        if gamma > 0 and batch_size > self.served_bs.get(gamma, 0):
+            return 0
+        return gamma

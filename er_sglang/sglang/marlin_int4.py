@@ -9,7 +9,9 @@ group of `group_size` input columns, bf16 arithmetic):
     q  = clamp(round(w * (1/s)) + z, 0, 15)      w_hat = (q - z) * s
 
 Execution: Marlin `scalar_types.uint4` with zero points (the AWQ-Marlin path of SGLang), one
-`gptq_marlin_gemm` per linear, CUDA-graph safe. Re-quantization after a weight update writes the new
+`gptq_marlin_gemm` per linear, CUDA-graph safe. The draft is not a second model: each target linear keeps
+its bf16 weight and gains `er_int4` buffers; inside `draft_mode()` it runs those instead (SelfDraftMethod),
+so embeddings, norms, rotary tables, lm_head and the attention layers (hence the KV pool) are shared. Re-quantization after a weight update writes the new
 packed weight / scales / zeros into the existing buffers with `copy_` (captured graphs keep pointers).
 
 Helpers quantize_rtn (torchao), dequantize_rtn, pack_* import no SGLang; the kernel side does, lazily.
@@ -87,37 +89,79 @@ def marlin_pack(w: torch.Tensor, group_size: int = GROUP_SIZE) -> dict[str, torc
     return {"qweight": qweight, "scales": scales, "zeros": marlin_zero_points(zero, n)}
 
 
-class MarlinInt4Method:
-    """quant_method for a draft LinearBase whose weight lives in `layer.er_int4` (Marlin buffers)."""
+_DRAFT = {"on": False}  # set by draft_mode(); read by SelfDraftMethod at trace/capture time
+
+
+class draft_mode:
+    """Context manager: every self-draft linear runs its int4 Marlin weight instead of the target's.
+
+    The flag is read in Python, so a CUDA graph captured inside the context holds the int4 kernels and one
+    captured outside holds the target's: the graph, not the flag, decides at replay.
+    """
+
+    def __enter__(self):
+        self._prev = _DRAFT["on"]
+        _DRAFT["on"] = True
+        return self
+
+    def __exit__(self, *exc):
+        _DRAFT["on"] = self._prev
+        return False
+
+
+def is_draft_mode() -> bool:
+    return _DRAFT["on"]
+
+
+def _marlin_apply(b: dict, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    from sgl_kernel.scalar_type import scalar_types
+    from sglang.srt.layers.quantization.marlin_utils import apply_awq_marlin_linear
+
+    return apply_awq_marlin_linear(
+        input=x, weight=b["qweight"], weight_scale=b["scales"], weight_zp=b["zeros"],
+        g_idx=b["empty"], g_idx_sort_indices=b["empty"], workspace=b["workspace"],
+        quant_type=scalar_types.uint4, output_size_per_partition=b["n"],
+        input_size_per_partition=b["k"], bias=bias)
+
+
+class SelfDraftMethod:
+    """quant_method of a TARGET linear that also holds its int4 draft: the target's own method outside
+    draft_mode(), the Marlin int4 GEMM of `layer.er_int4` inside it (one module, two weights)."""
+
+    def __init__(self, target_method):
+        self.target_method = target_method
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        from sgl_kernel.scalar_type import scalar_types
-        from sglang.srt.layers.quantization.marlin_utils import apply_awq_marlin_linear
+        if _DRAFT["on"]:
+            return _marlin_apply(layer.er_int4, x, bias)
+        return self.target_method.apply(layer, x, bias)
 
-        b = layer.er_int4
-        return apply_awq_marlin_linear(
-            input=x, weight=b["qweight"], weight_scale=b["scales"], weight_zp=b["zeros"],
-            g_idx=b["empty"], g_idx_sort_indices=b["empty"], workspace=b["workspace"],
-            quant_type=scalar_types.uint4, output_size_per_partition=b["n"],
-            input_size_per_partition=b["k"], bias=bias)
-
-    def process_weights_after_loading(self, layer) -> None:  # weights never come from a checkpoint
-        return None
+    def __getattr__(self, name):  # everything else (process_weights_after_loading, ...) is the target's
+        return getattr(self.target_method, name)
 
 
-def attach_int4(layer, w: torch.Tensor, group_size: int = GROUP_SIZE) -> int:
-    """Quantize w (the target's [N, K] weight) into `layer` and drop layer.weight; returns bytes held."""
+def _int4_buffers(w: torch.Tensor, group_size: int) -> dict:
     from sglang.srt.layers.quantization.marlin_utils import marlin_make_workspace
 
     n, k = w.shape
     bufs = marlin_pack(w, group_size)
     bufs["workspace"] = marlin_make_workspace(w.device)
     bufs["empty"] = torch.empty(0, dtype=torch.int32, device=w.device)
-    layer.er_int4 = dict(bufs, n=n, k=k)
-    if hasattr(layer, "weight"):
-        del layer.weight
-    layer.quant_method = MarlinInt4Method()
+    return dict(bufs, n=n, k=k)
+
+
+def _num_bytes(bufs: dict) -> int:
     return sum(t.numel() * t.element_size() for t in bufs.values() if isinstance(t, torch.Tensor))
+
+
+def attach_draft_int4(layer, group_size: int = GROUP_SIZE) -> int:
+    """Give a target linear its int4 draft twin (quantized from layer.weight); returns bytes added.
+
+    The target weight and method stay; `layer.quant_method` becomes a SelfDraftMethod around them."""
+    layer.er_int4 = _int4_buffers(layer.weight.data, group_size)
+    if not isinstance(layer.quant_method, SelfDraftMethod):
+        layer.quant_method = SelfDraftMethod(layer.quant_method)
+    return _num_bytes(layer.er_int4)
 
 
 @torch.no_grad()
@@ -126,4 +170,3 @@ def requant_int4_(layer, w: torch.Tensor, group_size: int = GROUP_SIZE) -> None:
     new = marlin_pack(w, group_size)
     for name in ("qweight", "scales", "zeros"):
         layer.er_int4[name].copy_(new[name])
-

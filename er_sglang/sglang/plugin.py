@@ -8,15 +8,16 @@ er_sglang = "er_sglang.sglang.plugin:register"`. SGLangEngine does not rely on i
 Hooks (target -> why):
   main process
     AROUND arg_groups.speculative_hook._handle_eagle_family: allow --speculative-use-rejection-sampling for
-           STANDALONE, topk 1 (the chain kernel only needs draft probs over the target vocabulary).
-    AROUND speculative.adaptive_spec_params.adaptive_unsupported_reason: STANDALONE passes the same checks
-           as EAGLE (SGLang rejects it only because its worker did not wire the controller).
+           STANDALONE, topk 1 (the chain kernel only needs draft probs over the target vocabulary), and keep
+           max_running_requests as given (STANDALONE silently sets 48 when unset; no-sd does not).
     AROUND managers.tokenizer_manager.TokenizerManager._calculate_spec_decoding_metrics: per-request
            drafted count (sum of gamma over the request's steps) as the accept-rate denominator.
   scheduler process
-    REPLACE speculative.standalone_worker_v2.StandaloneWorkerV2 -> worker.SelfSpecWorker.
+    REPLACE speculative.standalone_worker_v2.StandaloneWorkerV2 -> worker.SelfSpecWorker (shared KV).
+    AROUND model_executor.model_runner_components.spec_aux_hidden_state._resolve_eagle_aux_hidden_state:
+           no draft layers for KV sizing, so SGLang does not double the KV cell (the draft owns no KV pool).
     AFTER  managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager
-           .update_weights_from_distributed: re-quantize the draft (SGLang only updates the target).
+           .update_weights_from_distributed: mark the draft stale (SGLang only updates the target).
     AROUND managers.scheduler.Scheduler.handle_rpc_request: method "er_spec" -> SelfSpecWorker.control
            (stats, forced gamma, end_rollout, draft checks; "checksum" of the target's weights),
            JSON back in the reply's message.
@@ -29,27 +30,34 @@ RPC_METHOD = "er_spec"
 _installed: set[str] = set()
 
 
+def _self_spec_active() -> bool:
+    import os
+
+    from er_sglang.sglang.gamma import SPEC_ENV
+
+    return bool(os.environ.get(SPEC_ENV))
+
+
 def _handle_eagle_family(original, server_args):
-    hide = (server_args.speculative_algorithm == "STANDALONE"
-            and server_args.speculative_use_rejection_sampling
-            and server_args.speculative_eagle_topk in (None, 1))
-    if not hide:
+    if server_args.speculative_algorithm != "STANDALONE" or not _self_spec_active():
         return original(server_args)
-    server_args.speculative_use_rejection_sampling = False
+    hide = (server_args.speculative_use_rejection_sampling and server_args.speculative_eagle_topk in (None, 1))
+    max_running = server_args.max_running_requests
+    if hide:
+        server_args.speculative_use_rejection_sampling = False
     try:
         return original(server_args)
     finally:
-        server_args.speculative_use_rejection_sampling = True
+        if hide:
+            server_args.speculative_use_rejection_sampling = True
+        server_args.max_running_requests = max_running
 
 
-def _adaptive_unsupported_reason(original, server_args):
-    if server_args.speculative_algorithm != "STANDALONE":
-        return original(server_args)
-    server_args.speculative_algorithm = "EAGLE"
-    try:
-        return original(server_args)
-    finally:
-        server_args.speculative_algorithm = "STANDALONE"
+def _resolve_eagle_aux_hidden_state(original, *args, **kwargs):
+    original(*args, **kwargs)
+    config = kwargs.get("config", args[0] if args else None)
+    if _self_spec_active() and config is not None:
+        config.eagle_draft_num_layers = None
 
 
 def _spec_metrics(original, self, meta_info, recv_obj, i):
@@ -68,8 +76,8 @@ def _spec_metrics(original, self, meta_info, recv_obj, i):
 
 def _after_update_distributed(result, self, recv_req):
     worker = getattr(self, "draft_worker", None)
-    if getattr(result, "success", False) and hasattr(worker, "requantize"):
-        worker.requantize()
+    if getattr(result, "success", False) and hasattr(worker, "drafter"):
+        worker.drafter.mark_stale()
     return result
 
 
@@ -116,8 +124,6 @@ def register(role: str = "all") -> None:
     if role in ("main", "all"):
         HookRegistry.register("sglang.srt.arg_groups.speculative_hook._handle_eagle_family",
                               _handle_eagle_family, HookType.AROUND)
-        HookRegistry.register("sglang.srt.speculative.adaptive_spec_params.adaptive_unsupported_reason",
-                              _adaptive_unsupported_reason, HookType.AROUND)
         HookRegistry.register("sglang.srt.managers.tokenizer_manager.TokenizerManager"
                               "._calculate_spec_decoding_metrics", _spec_metrics, HookType.AROUND)
     if role in ("scheduler", "all"):
@@ -125,6 +131,9 @@ def register(role: str = "all") -> None:
 
         HookRegistry.register("sglang.srt.speculative.standalone_worker_v2.StandaloneWorkerV2",
                               SelfSpecWorker, HookType.REPLACE)
+        HookRegistry.register("sglang.srt.model_executor.model_runner_components.spec_aux_hidden_state"
+                              "._resolve_eagle_aux_hidden_state", _resolve_eagle_aux_hidden_state,
+                              HookType.AROUND)
         HookRegistry.register("sglang.srt.managers.scheduler_components.weight_updater"
                               ".SchedulerWeightUpdaterManager.update_weights_from_distributed",
                               _after_update_distributed, HookType.AFTER)

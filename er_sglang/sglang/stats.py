@@ -60,6 +60,8 @@ class StepTimer:
         return ev
 
     def stop(self, start, kind: str, gamma: int, bs: int) -> None:
+        if start is None:
+            return
         end = torch.cuda.Event(enable_timing=True)
         end.record()
         self._open.append((kind, gamma, bs, start, end))

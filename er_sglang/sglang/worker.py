@@ -1,221 +1,261 @@
-"""The self-draft speculative worker: SGLang's STANDALONE worker with the policy itself as the draft.
+"""The shared-KV self-draft speculative worker (scheduler process; the plugin REPLACEs STANDALONE's with it).
 
-Imported only inside SGLang processes (the plugin REPLACEs StandaloneWorkerV2 with SelfSpecWorker).
+One model, one KV pool. Every target decoder linear also holds its int4 RTN twin (marlin_int4): inside
+`draft_mode()` the same model is the drafter, so embeddings, lm_head, norms, rotary tables and the attention
+layers, hence the KV cache, are the target's own. A decode step reads like gpt-fast's speculative_decode:
 
-SelfDraftWorker (a StandaloneDraftWorker): SGLang builds the draft model from the target's path with
-`speculative_draft_load_format="dummy"` (no second checkpoint read). Before the KV budget is measured we
-  - replace every draft decoder linear by int4 Marlin buffers quantized from the TARGET's live weight
-    (the draft's dummy bf16 weight is deleted, so no bf16 copy is kept),
-  - make every other draft parameter and buffer (embeddings, lm_head, norms, biases, rotary cache) the
-    target's tensor object, so target weight updates reach them with no copy.
-SelfSpecWorker (a StandaloneWorkerV2): SGLang's adaptive controller with GammaParams (our SpecPolicy)
-chooses gamma per decode step; target-only weight updates followed by in-place re-quantization; spec
-statistics with the right denominator when gamma varies; optional CUDA-event timing of draft/verify.
+    gamma = policy(B, S)                       # per step; 0 above B_max(gamma)
+    gamma == 0: the target's plain decode step (its own graph, SGLang's sampler), nothing drafted
+    else:       gamma int4 forwards from the last committed token on the target's KV -> x_1..x_gamma, q_1..q_gamma
+                verify: the target over [x_0, x_1..x_gamma] + chain rejection sampling (SGLang's EAGLE v2 verify)
+    account     accepted counts -> policy and stats when SGLang hands them back (on_verify_complete_cpu)
+
+No draft prefill and no draft extend run: the draft needs no KV of its own. Graph capture lives in graphs.py.
 """
 from __future__ import annotations
 
-import contextlib
+import copy
 import logging
 import time
 from collections import deque
 
-import sglang.srt.speculative.standalone_worker_v2 as _standalone
 import torch
-from sglang.srt.layers.linear import LinearBase
-from sglang.srt.runtime_context import get_spec
-from sglang.srt.speculative.adaptive_runtime_state import AdaptiveController
+from sglang.srt.managers.scheduler import GenerationBatchResult
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+from sglang.srt.speculative.eagle_info import EagleDraftInput
+from sglang.srt.speculative.eagle_utils import default_tree_mask_mode
+from sglang.srt.speculative.eagle_worker_common import build_eagle_verify_input, run_eagle_verify
+from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
-from sglang.srt.speculative.spec_utils import get_plan_stream
+from sglang.srt.speculative.spec_utils import get_plan_stream, sample_draft_proposal
 
-from er_sglang.sglang.gamma import GammaParams, build_policy, candidate_gammas, spec_from_env
-from er_sglang.sglang.marlin_int4 import GROUP_SIZE, attach_int4, requant_int4_
+from er_sglang.sglang.selfdraft import SelfDrafter
+from er_sglang.sglang.gamma import GammaChooser, build_policy, spec_from_env
+from er_sglang.sglang.graphs import build_states, set_spec_steps
+from er_sglang.sglang.marlin_int4 import draft_mode
 from er_sglang.sglang.stats import StepTimer, WorkerStats
 
 logger = logging.getLogger(__name__)
 
 
-def _share_param_objects(dst: torch.nn.Module, src: torch.nn.Module) -> int:
-    """Make dst's direct parameters/buffers the very tensors of src (same names, same shapes)."""
-    n = 0
-    for name, p in list(dst._parameters.items()):
-        q = src._parameters.get(name)
-        if p is not None and q is not None and p.shape == q.shape:
-            dst._parameters[name] = q
-            n += 1
-    for name, b in list(dst._buffers.items()):
-        c = src._buffers.get(name)
-        if b is not None and c is not None and b.shape == c.shape:
-            dst._buffers[name] = c
-    return n
-
-
-class SelfDraftWorker(_standalone.StandaloneDraftWorker):
-    """STANDALONE draft worker whose model is the target, int4-quantized in place of its dummy weights."""
-
-    def __init__(self, server_args, gpu_id, ps, nccl_port, target_worker, timer=None):
-        super().__init__(server_args, gpu_id, ps, nccl_port, target_worker)
-        self.timer = timer
-        self.int4_pairs: list[tuple[str, torch.nn.Module, torch.nn.Module]] = []
-        self.int4_bytes = 0
-        self.requant_s = 0.0
-        self._build_self_draft()
-
-    @torch.no_grad()
-    def _build_self_draft(self) -> None:
-        t0 = time.perf_counter()
-        draft = self.draft_runner.model
-        target_modules = dict(self.target_worker.model_runner.model.named_modules())
-        num_shared = 0
-        for name, mod in draft.named_modules():
-            tmod = target_modules.get(name)
-            if tmod is None:
-                continue
-            w = getattr(tmod, "weight", None)
-            if (isinstance(mod, LinearBase) and w is not None and w.dim() == 2
-                    and w.shape[1] % GROUP_SIZE == 0 and w.shape[0] % 64 == 0):
-                self.int4_bytes += attach_int4(mod, w.data)
-                if getattr(mod, "bias", None) is not None and getattr(tmod, "bias", None) is not None:
-                    mod._parameters["bias"] = tmod._parameters["bias"]
-                self.int4_pairs.append((name, mod, tmod))
-            else:
-                num_shared += _share_param_objects(mod, tmod)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        logger.info("self-draft: %d linears -> int4 Marlin (%.3f GB), %d tensors shared with the target, %.2f s",
-                    len(self.int4_pairs), self.int4_bytes / 1e9, num_shared, time.perf_counter() - t0)
-
-    def init_lm_head(self):
-        """Embeddings and lm_head are already the target's tensors (_build_self_draft)."""
-
-    @torch.no_grad()
-    def requantize(self) -> float:
-        """Re-quantize every int4 linear from the target's current weight, in place; returns seconds."""
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _, mod, tmod in self.int4_pairs:
-            requant_int4_(mod, tmod.weight.data)
-        torch.cuda.synchronize()
-        self.requant_s = time.perf_counter() - t0
-        return self.requant_s
-
-    def draft(self, batch):
-        start = self.timer.start() if self.timer else None
-        out = super().draft(batch)
-        if start is not None:
-            self.timer.stop(start, "draft", self.speculative_num_steps, len(batch.reqs))
-        return out
-
-    def _draft_extend_for_decode(self, batch, batch_result):
-        start = self.timer.start() if self.timer else None
-        out = super()._draft_extend_for_decode(batch, batch_result)
-        if start is not None:
-            self.timer.stop(start, "extend", self.speculative_num_steps, len(batch.reqs))
-        return out
-
-
-class SelfSpecWorker(_standalone.StandaloneWorkerV2):
-    """STANDALONE spec worker with the self-drafter, per-step gamma from SpecPolicy, in-place requant."""
-
+class SelfSpecWorker(EAGLEWorkerV2):
     def __init__(self, server_args, gpu_id, ps, nccl_port, target_worker):
-        BaseSpecWorker.__init__(self)  # StandaloneWorkerV2.__init__ would build a plain draft worker
+        BaseSpecWorker.__init__(self)  # EAGLEWorkerV2.__init__ would build a draft model with its own KV pool
         self.server_args = server_args
-        self.topk = server_args.speculative_eagle_topk
-        self.speculative_num_steps = server_args.speculative_num_steps
+        self.topk = 1
+        self.speculative_num_steps = server_args.speculative_num_steps  # startup gamma = the largest candidate
         self.speculative_num_draft_tokens = server_args.speculative_num_draft_tokens
-        self.gpu_id = gpu_id
-        self.device = server_args.device
-        self.ps = ps  # missing in StandaloneWorkerV2; update paths read self.ps.tp_rank
+        self.startup_gamma = self.speculative_num_steps
+        self.ps, self.gpu_id, self.device = ps, gpu_id, server_args.device
         self._target_worker = target_worker
+        self._draft_worker = None  # no draft model, runner or pool: the target model is the drafter
         self.page_size = server_args.page_size
         self.speculative_algorithm = SpeculativeAlgorithm.from_string(server_args.speculative_algorithm)
-
-        spec = spec_from_env()
-        self.timer = StepTimer(bool(spec.get("timing")))
-        self.stats = WorkerStats()
-        self._draft_worker = SelfDraftWorker(server_args, gpu_id, ps, nccl_port, target_worker, self.timer)
-        self._validate_vocab_compatibility(
-            target_vocab_size=target_worker.model_runner.model_config.vocab_size,
-            target_tokenizer=target_worker.tokenizer)
-
+        self.adaptive_controller = None
+        self.tree_mask_mode = default_tree_mask_mode()
+        self.plan_stream, self.plan_stream_ctx = get_plan_stream(self.device)
         self.num_new_pages_per_topk = torch.empty((), dtype=torch.int64, device=self.device)
         self.extend_lens = torch.empty((), dtype=torch.int64, device=self.device)
-        self.plan_stream, self.plan_stream_ctx = get_plan_stream(self.device)
 
+        spec = spec_from_env()
         self.policy = build_policy(spec)
-        self.gamma_params = GammaParams(
-            self.policy, candidate_gammas(spec["mode"], spec["gamma"], spec["gamma_ladder"]))
-        self.adaptive_controller = None
-        if server_args.speculative_adaptive:
-            self.adaptive_controller = AdaptiveController(
-                self, config_path=server_args.speculative_adaptive_config)
-            self.adaptive_controller.params = self.gamma_params
-        self._pending: deque[tuple[int, list]] = deque()  # (gamma, batch reqs) of launched decode steps
+        self.chooser = GammaChooser(self.policy, spec)
+        self.timer = StepTimer(bool(spec.get("timing")))
+        self.stats = WorkerStats()
+        self.drafter = SelfDrafter(target_worker.model_runner.model)
+        self.states: dict = {}
+        self._pending: deque[tuple[int, list]] = deque()  # (gamma, reqs) per launched decode step
 
-    @contextlib.contextmanager
-    def _override_worker_state(self, speculative_num_steps, speculative_num_draft_tokens, cuda_graph_bs=None):
-        """SGLang's override plus the draft runner's own server_args, which size the draft-extend capture
-        width (spec_utils.resolve_num_tokens_per_req reads model_runner.server_args, not the override).
-        The engine starts at the largest gamma, so buffers sized once from server_args fit every state."""
-        runners = [self._draft_worker.draft_runner]
-        saved = [(r.server_args.speculative_num_steps, r.server_args.speculative_num_draft_tokens)
-                 for r in runners]
-        # ServerArgs is read-only after resolution (its __setattr__ raises); this capture-time swap of the
-        # startup record is undone below, so object.__setattr__ is used on purpose.
-        for r in runners:
-            object.__setattr__(r.server_args, "speculative_num_steps", speculative_num_steps)
-            object.__setattr__(r.server_args, "speculative_num_draft_tokens", speculative_num_draft_tokens)
-        try:
-            with super()._override_worker_state(speculative_num_steps, speculative_num_draft_tokens,
-                                                cuda_graph_bs=cuda_graph_bs):
-                yield
-        finally:
-            for r, (steps, tokens) in zip(runners, saved):
-                object.__setattr__(r.server_args, "speculative_num_steps", steps)
-                object.__setattr__(r.server_args, "speculative_num_draft_tokens", tokens)
+    # ---- scheduler lifecycle -------------------------------------------------------------------------
+    def alloc_memory_pool(self, memory_pool_config=None, req_to_token_pool=None, token_to_kv_pool_allocator=None):
+        """The target's pools are the only pools. The int4 twins are made now, after SGLang sized the KV
+        cache, so they come out of the non-static share (like CUDA graphs) and KV tokens equal no-sd's."""
+        self.req_to_token_pool = req_to_token_pool
+        self.token_to_kv_pool_allocator = token_to_kv_pool_allocator
+        self.drafter.attach()
 
-    # ---- decode step -------------------------------------------------------------------------------
+    def init_attention_backends(self):
+        """Each graph state builds its own backend in init_cuda_graphs."""
+
+    def init_cuda_graphs(self):
+        mr = self.target_worker.model_runner
+        bs_list = sorted(mr.server_args.cuda_graph_config.decode.bs)
+        bs_max = {g: self.chooser.bs_max(g, bs_list) for g in self.chooser.candidates}
+        t0 = time.perf_counter()
+        self.states = build_states(mr, self.chooser.candidates, bs_list, bs_max, self.startup_gamma)
+        self.home = (mr.attn_backend, mr.decode_cuda_graph_runner)
+        self.chooser.served_bs = {g: self.states[g].max_bs for g in self.chooser.candidates if g > 0}
+        for name, st in self.states.items():
+            self._additional_graph_memory_usage[f"selfspec_{name}"] = st.mem_gib
+            self._additional_graph_time_usage[f"selfspec_{name}"] = st.capture_s
+        self.graph_init_s = time.perf_counter() - t0
+
+    @property
+    def spec_v2_attn_backends(self) -> tuple:
+        return tuple(st.attn_backend for st in self.states.values()) or (self.target_worker.model_runner.attn_backend,)
+
+    @property
+    def war_fastpath_runner(self):
+        return self.target_worker.model_runner
+
+    def _use(self, state) -> None:
+        """Point the target runner at a state's backend and graphs (SGLang's apply_runtime_state, minus the draft)."""
+        mr = self.target_worker.model_runner
+        mr.attn_backend, mr.decode_cuda_graph_runner = state.attn_backend, state.graph_runner
+
+    def _go_home(self) -> None:
+        mr = self.target_worker.model_runner
+        mr.attn_backend, mr.decode_cuda_graph_runner = self.home
+
+    # ---- one scheduler step --------------------------------------------------------------------------
     def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None):
-        is_decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch)
-        if not is_decode or batch.forward_mode.is_idle() or not batch.reqs:
-            return super().forward_batch_generation(batch, on_publish, grammar_barrier)
+        if batch.forward_mode.is_extend() or batch.is_extend_in_batch:
+            out = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.NULL)
+            out.new_seq_lens = batch.seq_lens  # spec v2: seq_lens count tokens whose K/V is written
+            if on_publish is not None:
+                on_publish(out.new_seq_lens)
+            out.next_draft_input = self._seed(out.next_token_ids)
+            return out
+        self.drafter.refresh_if_stale()
         bs = len(batch.reqs)
-        self.gamma_params.mean_seq = sum(len(r.origin_input_ids) + len(r.output_ids)
-                                         for r in batch.reqs) / bs
-        start = self.timer.start() if self.timer.enabled else None
-        out = super().forward_batch_generation(batch, on_publish, grammar_barrier)
-        gamma = self.speculative_num_steps  # the state the step actually ran with
-        if start is not None:
-            self.timer.stop(start, "step", gamma, bs)
+        gamma = self.chooser.choose(bs, self._mean_seq(batch))
+        start = self.timer.start()
+        if gamma == 0:
+            out = self._plain_decode(batch)
+        else:
+            draft_tokens, draft_probs = self._draft(batch, gamma)
+            out = self._verify(batch, gamma, draft_tokens, draft_probs, grammar_barrier)
+        self.timer.stop(start, "step", gamma, bs)
+        if on_publish is not None:
+            on_publish(out.new_seq_lens)
         self._pending.append((gamma, list(batch.reqs)))
         return out
 
-    def verify(self, batch, grammar_barrier=None):
-        """gamma = 0 (SGLang's one-token trivial verify) samples with SGLang's target-only kernel: with
-        nothing drafted it is exact sampling from p, and the chain rejection-sampling Triton kernel fails
-        to compile for a one-slot chain (device run 4). The flag is restored before the draft extend,
-        which must keep producing draft probs for the next gamma > 0 step."""
-        start = self.timer.start() if self.timer.enabled else None
-        spec = get_spec()
-        is_plain = self.speculative_num_steps == 0 and spec.speculative_use_rejection_sampling
-        if is_plain:
-            spec._set("speculative_use_rejection_sampling", False)
+    def _plain_decode(self, batch) -> GenerationBatchResult:
+        """gamma = 0: the target's decode step over the bonus token, exactly as SGLang decodes without spec."""
+        mr = self.target_worker.model_runner
+        bs = len(batch.reqs)
+        start = self.timer.start()
+        self._switch_gamma(0)
+        fb = self._decode_batch(batch, batch.spec_info.bonus_tokens, 0, return_logprob=batch.return_logprob)
+        self._use(self.states["plain"])
         try:
-            out = super().verify(batch, grammar_barrier)
+            res = mr.forward(fb)
         finally:
-            if is_plain:
-                spec._set("speculative_use_rejection_sampling", True)
-        if start is not None:
-            self.timer.stop(start, "verify", self.speculative_num_steps, len(batch.reqs))
+            self._go_home()
+        logits = res.logits_output
+        next_ids = mr.sample(logits, fb)
+        if batch.return_logprob and logits.next_token_logprobs is not None:
+            logits.next_token_logprobs = logits.next_token_logprobs.reshape(bs, 1)  # spec layout [B, accepted]
+        self.timer.stop(start, "decode", 0, bs)
+        return GenerationBatchResult(
+            logits_output=logits, next_token_ids=next_ids, can_run_cuda_graph=res.can_run_graph,
+            speculative_num_draft_tokens=1, next_draft_input=self._seed(next_ids),
+            accept_lens=torch.ones(bs, dtype=torch.int32, device=self.device), new_seq_lens=batch.seq_lens + 1)
+
+    def _draft(self, batch, gamma: int):
+        """gamma single-token int4 forwards on the target's KV pool -> tokens [B, gamma], q [B, gamma, V].
+
+        Step i feeds x_i at its true position L+i (x_0 = the last committed token, whose K/V nobody has
+        written yet) and writes the DRAFT's K/V into slot L+i of the shared pool. Those slots are
+        uncommitted: the verify below writes the TARGET's K/V for x_0..x_gamma into slots L..L+gamma, layer by
+        layer before its attention reads them, so the target never reads draft K/V.
+        """
+        mr = self.target_worker.model_runner
+        bs = len(batch.reqs)
+        start = self.timer.start()
+        info = batch.sampling_info
+        tok = batch.spec_info.bonus_tokens
+        tokens, probs = [], []
+        self._use(self.states["draft"])
+        try:
+            with draft_mode():
+                for i in range(gamma):
+                    fb = self._decode_batch(batch, tok, i, return_logprob=False)
+                    logits = mr.forward(fb).logits_output.next_token_logits  # [B, V], a view of a graph buffer
+                    if info.is_all_greedy:
+                        tok = torch.argmax(logits, dim=-1)
+                    else:  # q = softmax(logits / T); x ~ q. The verify needs exactly this q.
+                        q, _, x = sample_draft_proposal(logits, info.temperatures)
+                        probs.append(q)
+                        tok = x.view(-1)
+                    tokens.append(tok)
+        finally:
+            self._go_home()
+        self.timer.stop(start, "draft", gamma, bs)
+        return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if probs else None)
+
+    def _verify(self, batch, gamma, draft_tokens, draft_probs, grammar_barrier) -> GenerationBatchResult:
+        """The target over [x_0, x_1..x_gamma] (TARGET_VERIFY graph of width gamma+1) + chain rejection sampling."""
+        bs = len(batch.reqs)
+        start = self.timer.start()
+        self._switch_gamma(gamma)
+        self._use(self.states[gamma])
+        try:
+            parents, score_index = self._chain(gamma, bs)
+            batch.spec_info = build_eagle_verify_input(
+                batch, batch.spec_info, parents, score_index, draft_tokens, draft_probs,
+                target_worker=self.target_worker, topk=1, num_steps=gamma, num_draft_tokens=gamma + 1,
+                tree_mask_mode=self.tree_mask_mode, device=self.device)
+            out = run_eagle_verify(
+                batch, target_worker=self.target_worker, req_to_token_pool=self.req_to_token_pool,
+                token_to_kv_pool_allocator=self.token_to_kv_pool_allocator, plan_stream=self.plan_stream,
+                plan_stream_ctx=self.plan_stream_ctx, topk=1, num_steps=gamma, num_draft_tokens=gamma + 1,
+                device=self.device, metadata_ready_pre_pad=False, finalize_tree_path=True,
+                grammar_barrier=grammar_barrier)
+        finally:
+            self._go_home()
+        out.next_draft_input = self._seed(out.next_draft_input.bonus_tokens)
+        self.timer.stop(start, "verify", gamma, bs)
         return out
 
-    def on_verify_complete_cpu(self, num_correct_drafts_per_req, batch_size: int = 0) -> None:
-        """Results arrive in launch order (one step late with overlap): pair them with their gamma.
+    # ---- small helpers around SGLang's plumbing ------------------------------------------------------
+    def _decode_batch(self, batch, input_ids, offset: int, return_logprob: bool) -> ForwardBatch:
+        """A DECODE ForwardBatch for the token at position L+offset (L = batch.seq_lens, committed K/V)."""
+        b = copy.copy(batch)
+        b.forward_mode = ForwardMode.DECODE
+        b.input_ids = input_ids.to(torch.int64)
+        b.seq_lens = batch.seq_lens + (offset + 1)
+        b.seq_lens_cpu = None if batch.seq_lens_cpu is None else batch.seq_lens_cpu + (offset + 1)
+        b.seq_lens_sum = None if b.seq_lens_cpu is None else int(b.seq_lens_cpu.sum())
+        slot = self.req_to_token_pool.req_to_token[batch.req_pool_indices, batch.seq_lens + offset]
+        b.out_cache_loc = slot.to(torch.int64)
+        b.spec_info = None
+        b.return_logprob = return_logprob
+        return ForwardBatch.init_new(b, self.target_worker.model_runner)
 
-        Called before SGLang commits the result; requests already finished or retracted are skipped, as
-        SGLang does, so aggregate and per-request counts agree. The per-request drafted count rides
-        SGLang's (DSPARK-only) cap-token counter to meta_info (plugin._spec_metrics reads it).
-        """
+    def _chain(self, gamma: int, bs: int):
+        """topk = 1 tree = a chain: parent of draft i is draft i-1 (SGLang's _rebuild_topk1_chain_buffers)."""
+        width = gamma if gamma > 1 else 0
+        parents = torch.arange(-1, width - 1, dtype=torch.long, device=self.device).repeat(bs, 1)
+        return parents, torch.arange(gamma, dtype=torch.long, device=self.device).repeat(bs, 1)
+
+    def _seed(self, bonus_tokens) -> EagleDraftInput:
+        """Next step's input: the bonus token only (zero top-k fields keep SGLang's FutureMap shapes)."""
+        bs = bonus_tokens.shape[0]
+        return EagleDraftInput(bonus_tokens=bonus_tokens.to(torch.int32),
+                               topk_p=torch.zeros((bs, 1), dtype=torch.float32, device=self.device),
+                               topk_index=torch.zeros((bs, 1), dtype=torch.int64, device=self.device),
+                               capture_hidden_mode=CaptureHiddenMode.NULL)
+
+    def _switch_gamma(self, gamma: int) -> None:
+        if gamma != self.speculative_num_steps:
+            self.speculative_num_steps, self.speculative_num_draft_tokens = gamma, gamma + 1
+            set_spec_steps(gamma)
+
+    @staticmethod
+    def _mean_seq(batch) -> float:
+        if batch.seq_lens_cpu is not None:
+            return float(batch.seq_lens_cpu.float().mean())
+        return sum(len(r.origin_input_ids) + len(r.output_ids) for r in batch.reqs) / max(len(batch.reqs), 1)
+
+    # ---- accounting ----------------------------------------------------------------------------------
+    def on_verify_complete_cpu(self, num_correct_drafts_per_req, batch_size: int = 0) -> None:
+        """Results come back in launch order (one step late with overlap); a size mismatch drops stale entries.
+
+        Requests already finished or retracted are skipped, as SGLang does. The per-request drafted count
+        rides SGLang's (DSPARK-only) cap-token counter to meta_info (plugin._spec_metrics reads it)."""
         while self._pending and len(self._pending[0][1]) != batch_size:
             self._pending.popleft()
         if not self._pending:
@@ -229,67 +269,27 @@ class SelfSpecWorker(_standalone.StandaloneWorkerV2):
                 reqs[i].spec_num_cap_tokens += gamma
             self.policy.observe(gamma, accepted)
 
-    # ---- weight updates: target only, then re-quantize the draft in place -----------------------------
-    def requantize(self) -> float:
-        dt = self._draft_worker.requantize()
-        self.stats.requant_s += dt
-        return dt
-
+    # ---- weight updates: the target's paths, then the draft re-quantized in place (lazily) ------------
     def update_weights_from_tensor(self, recv_req):
         ok, msg = self.target_worker.update_weights_from_tensor(recv_req)
         if ok:
-            self.requantize()
+            self.drafter.mark_stale()
         return ok, msg
 
     def update_weights_from_disk(self, recv_req):
-        """The scheduler already loaded the target; the draft only needs re-quantizing."""
-        self.requantize()
-        return True, "Succeeded to update model weights (draft re-quantized)."
+        self.drafter.mark_stale()  # the scheduler already reloaded the target
+        return True, "Succeeded to update model weights (draft re-quantized before the next decode step)."
 
     def update_weights_from_ipc(self, recv_req):
-        self.requantize()
-        return True, "Succeeded to update model weights (draft re-quantized)."
+        self.drafter.mark_stale()
+        return True, "Succeeded to update model weights (draft re-quantized before the next decode step)."
 
-    # ---- control (plugin RPC) ------------------------------------------------------------------------
+    def requantize(self) -> float:
+        dt = self.drafter.requantize()
+        self.stats.requant_s += dt
+        return dt
+
     def control(self, op: str, **kw) -> dict:
-        if op == "stats":
-            out = self.stats.as_dict()
-            out["timing"] = self.timer.summary()
-            out["int4_bytes"] = self._draft_worker.int4_bytes
-            out["num_int4_linears"] = len(self._draft_worker.int4_pairs)
-            out["last_requant_s"] = self._draft_worker.requant_s
-            out["candidates"] = self.gamma_params.candidate_steps
-            out["policy"] = self.policy.state_dict()
-            if kw.get("reset"):
-                self.stats = WorkerStats()
-                self.timer.reset()
-            return out
-        if op == "set_gamma":
-            g = kw.get("gamma")
-            self.gamma_params.forced = None if g is None or int(g) < 0 else int(g)
-            return {"forced": self.gamma_params.forced}
-        if op == "end_rollout":
-            nd, na = kw.get("num_drafted"), kw.get("num_accepted")
-            self.policy.end_rollout(nd, na) if nd is not None else self.policy.end_rollout()
-            return {"policy": self.policy.state_dict()}
-        if op == "reset_policy":
-            self.policy = build_policy(spec_from_env())
-            self.gamma_params.policy = self.policy
-            return {"policy": self.policy.state_dict()}
-        if op == "requantize":
-            return {"requant_s": self.requantize()}
-        if op == "draft_check":
-            return self.draft_check()
-        raise ValueError(f"unknown self-spec control op {op!r}")
+        from er_sglang.sglang.control import handle
 
-    @torch.no_grad()
-    def draft_check(self) -> dict:
-        """Do the Marlin buffers equal a fresh quantization of the target's current weights (bitwise)?"""
-        from er_sglang.sglang.marlin_int4 import marlin_pack
-
-        num_equal = 0
-        for _, mod, tmod in self._draft_worker.int4_pairs:
-            fresh = marlin_pack(tmod.weight.data)
-            num_equal += all(torch.equal(mod.er_int4[k], fresh[k]) for k in ("qweight", "scales", "zeros"))
-        n = len(self._draft_worker.int4_pairs)
-        return {"num_linears": n, "num_equal": num_equal, "all_equal": num_equal == n}
+        return handle(self, op, **kw)

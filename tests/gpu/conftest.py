@@ -5,18 +5,19 @@ import os
 
 import pytest
 
-TINY_DIR = os.environ.get("ER_TINY_DIR", "/tmp/er_tiny_qwen2")
+TINY_DIR = os.environ.get("ER_TINY_DIR", "/tmp/er_tiny_qwen2_hd128")
 
 
 def make_tiny_qwen2(path: str = TINY_DIR, peak: float = 10.0, seed: int = 0) -> str:
-    """Random 4-layer Qwen2 (hidden 512, vocab 32000; Marlin-compatible shapes), lm_head scaled by `peak`."""
+    """Random 4-layer Qwen2 (hidden 512, head_dim 128 as the prebuilt flashinfer cache; vocab 32000;
+    Marlin-compatible shapes), lm_head scaled by `peak`."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    cfg = Qwen2Config(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
+    cfg = Qwen2Config(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096,
                       tie_word_embeddings=False, eos_token_id=31999, bos_token_id=0)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)

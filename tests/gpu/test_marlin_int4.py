@@ -20,13 +20,21 @@ RESULTS = os.environ.get("ER_GPU_RESULTS", "/tmp/er_gpu_results")
 Q7_SHAPES = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]
 
 
+class _Dense:
+    def apply(self, layer, x, bias=None):
+        return x @ layer.weight.t()
+
+
 class _Layer(torch.nn.Module):
     pass
 
 
 def _layer(w):
+    """A stand-in target linear (bf16 weight + plain method) with its int4 draft twin attached."""
     lay = _Layer()
-    mi.attach_int4(lay, w)
+    lay.weight = torch.nn.Parameter(w, requires_grad=False)
+    lay.quant_method = _Dense()
+    mi.attach_draft_int4(lay)
     return lay
 
 
@@ -47,9 +55,12 @@ def test_marlin_gemm_matches_dequantized_rtn(m):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         lay = _layer(w)
-        y = lay.quant_method.apply(lay, x)
+        with mi.draft_mode():
+            y = lay.quant_method.apply(lay, x)
+        y_target = lay.quant_method.apply(lay, x)  # outside draft_mode: the target's own bf16 weight
         ref = x.float() @ mi.dequantize_rtn(*mi.quantize_rtn(w)).float().t()
         errs[(n, k)] = float((y.float() - ref).norm() / ref.norm())
+        assert torch.equal(y_target, x @ w.t())
     assert max(errs.values()) < 1e-2, errs
 
 
