@@ -39,6 +39,27 @@ from er_sglang.sglang.stats import StepTimer, WorkerStats
 logger = logging.getLogger(__name__)
 
 
+class _DraftSide:
+    """What SGLang's scheduler reads of a spec worker's draft side. The drafter has no runner of its own:
+    its runner is the target's, so the "draft KV pool" SGLang asks for (disaggregation, HiCache) is the
+    target's pool, which is what the draft really reads and writes."""
+
+    graph_memory_usage: dict = {}  # the worker reports its graph states itself
+    graph_time_usage: dict = {}
+    weight_load_time = 0.0
+
+    def __init__(self, target_worker):
+        self._target_worker = target_worker
+
+    @property
+    def draft_runner(self):
+        return self._target_worker.model_runner
+
+    @property
+    def draft_runners(self) -> list:
+        return [self.draft_runner]
+
+
 class SelfSpecWorker(EAGLEWorkerV2):
     def __init__(self, server_args, gpu_id, ps, nccl_port, target_worker):
         BaseSpecWorker.__init__(self)  # EAGLEWorkerV2.__init__ would build a draft model with its own KV pool
@@ -49,7 +70,7 @@ class SelfSpecWorker(EAGLEWorkerV2):
         self.startup_gamma = self.speculative_num_steps
         self.ps, self.gpu_id, self.device = ps, gpu_id, server_args.device
         self._target_worker = target_worker
-        self._draft_worker = None  # no draft model, runner or pool: the target model is the drafter
+        self._draft_worker = _DraftSide(target_worker)  # no draft model, runner or pool of its own
         self.page_size = server_args.page_size
         self.speculative_algorithm = SpeculativeAlgorithm.from_string(server_args.speculative_algorithm)
         self.adaptive_controller = None
