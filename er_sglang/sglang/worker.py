@@ -243,8 +243,9 @@ class SelfSpecWorker(EAGLEWorkerV2):
         slot = self.req_to_token_pool.req_to_token[batch.req_pool_indices, batch.seq_lens + offset]
         b.out_cache_loc = slot.to(torch.int64)
         b.spec_info = None
+        b.spec_algorithm = SpeculativeAlgorithm.NONE  # a plain decode batch, as SGLang builds without spec
         b.return_logprob = return_logprob
-        return ForwardBatch.init_new(b, self.target_worker.model_runner)
+        return ForwardBatch.init_new(b, self.target_worker.model_runner, return_hidden_states_before_norm=False)
 
     def _chain(self, gamma: int, bs: int):
         """topk = 1 tree = a chain: parent of draft i is draft i-1 (SGLang's _rebuild_topk1_chain_buffers)."""
