@@ -154,6 +154,12 @@ def install(role: str) -> None:
 def run_scheduler_process(*args, **kwargs):
     """Engine.run_scheduler_process_func: apply our scheduler hooks, then SGLang's scheduler main."""
     install("scheduler")
+    import os
+
+    if os.environ.get("ER_STACK_DUMP_S"):  # debugging a stuck scheduler: all thread stacks to stderr
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["ER_STACK_DUMP_S"]), repeat=True)
     from sglang.srt.managers.scheduler import run_scheduler_process as _run
 
     return _run(*args, **kwargs)
