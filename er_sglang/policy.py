@@ -6,9 +6,13 @@ Modes (DESIGN §3 "Policy"; the first four are EfficientRollout's, `argmax` is o
   toggle    SD on iff speedup(B, S, gamma, L_prev) >= 1 + margin, not before the active batch has once
             exceeded `rampup_batch` in this rollout; once on, on for the rest of the rollout.
   adaptive  toggle + the gamma ladder, moved once per rollout from the rollout's acceptance rate.
-  argmax    every step, gamma in {0} U ladder maximizing predicted tokens/s, with the per-token
-            acceptance alpha estimated within the rollout (geometric model, Beta prior carried across
-            rollouts); hysteresis + dwell against flapping; both directions.
+  argmax    every step, gamma in {0} U argmax_gammas (default {1, 2, 3, 4, 5, 7}: with an int4 draft at
+            r ~ 0.3-0.7 and alpha <= 0.9 the best gamma is small; the paper's ladder stays for adaptive)
+            maximizing predicted tokens/s, with the per-token acceptance alpha estimated within the
+            rollout (geometric model, Beta prior carried across rollouts); hysteresis + dwell against
+            flapping; both directions. Exploration: after probe_every plain steps in a row that only
+            acceptance keeps plain (the smallest gamma would win at the configured prior alpha), one
+            probe step at the smallest gamma re-measures alpha, so one bad rollout cannot pin gamma = 0.
 
 The engine calls, per rollout:  [begin_rollout(n)] → per step choose_gamma(B, S) → observe(gamma, acc)
 after each verify → end_rollout([global counts]).  `roofline` is any object with
@@ -35,7 +39,8 @@ class SpecPolicy:
                  ladder_up: float = 0.94, ladder_down: float = 0.85, ladder_patience: int = 2,
                  cold_start_accept_len: dict[int, float] | None = None,
                  hysteresis: float = 0.03, min_dwell_steps: int = 8,
-                 prior_alpha: float = 0.9, prior_strength: float = 256.0):
+                 prior_alpha: float = 0.9, prior_strength: float = 256.0,
+                 argmax_gammas: Sequence[int] = (1, 2, 3, 4, 5, 7), probe_every: int = 256):
         if mode not in MODES:
             raise ValueError(f"spec.mode={mode!r}: allowed {MODES}")
         ladder = tuple(int(g) for g in gamma_ladder)
@@ -51,6 +56,11 @@ class SpecPolicy:
             raise ValueError("spec ladder: need 0 <= ladder_down < ladder_up <= 1 and ladder_patience >= 1")
         if cold_start_accept_len is not None and not cold_start_accept_len:
             raise ValueError("spec.cold_start_accept_len: need at least one gamma: L entry")
+        cands = tuple(int(g) for g in argmax_gammas)
+        if not cands or any(g <= 0 for g in cands) or list(cands) != sorted(set(cands)):
+            raise ValueError(f"spec.argmax_gammas={cands}: need distinct positive ints, ascending")
+        if probe_every < 0:
+            raise ValueError(f"spec.probe_every={probe_every}: need an int >= 0 (0 = no probes)")
         if not 0.0 < prior_alpha < 1.0 or prior_strength < 0 or hysteresis < 0 or min_dwell_steps < 0:
             raise ValueError("spec argmax: need 0 < prior_alpha < 1, prior_strength >= 0, "
                              "hysteresis >= 0, min_dwell_steps >= 0")
@@ -66,6 +76,9 @@ class SpecPolicy:
         self.hysteresis = float(hysteresis)
         self.min_dwell_steps = int(min_dwell_steps)
         self.prior_strength = float(prior_strength)
+        self.argmax_gammas = cands
+        self.probe_every = int(probe_every)
+        self.prior_alpha0 = float(prior_alpha)  # the configured prior: what a probe bets on
         # Carried across rollouts (state_dict).
         self.alpha_prior = float(prior_alpha)  # argmax: previous rollouts' posterior mean of alpha
         self.accept_len_prev: dict[int, float] = {}  # gamma -> L of the latest rollout that ran it
@@ -79,11 +92,13 @@ class SpecPolicy:
         """Build from a config object (e.g. the `spec:` section); missing attributes take the defaults."""
         kwargs = {}
         for name in ("mode", "gamma", "margin", "rampup_batch", "ladder_up", "ladder_down",
-                     "ladder_patience", "hysteresis", "min_dwell_steps", "prior_alpha", "prior_strength"):
+                     "ladder_patience", "hysteresis", "min_dwell_steps", "prior_alpha", "prior_strength",
+                     "probe_every"):
             if getattr(spec_cfg, name, None) is not None:
                 kwargs[name] = getattr(spec_cfg, name)
-        if getattr(spec_cfg, "gamma_ladder", None) is not None:
-            kwargs["gamma_ladder"] = tuple(int(g) for g in spec_cfg.gamma_ladder)
+        for name in ("gamma_ladder", "argmax_gammas"):
+            if getattr(spec_cfg, name, None) is not None:
+                kwargs[name] = tuple(int(g) for g in getattr(spec_cfg, name))
         return cls(roofline=roofline, **kwargs)
 
     @property
@@ -96,6 +111,8 @@ class SpecPolicy:
         self.is_ramped = self.rampup_batch <= 0  # toggle: the batch has once exceeded rampup_batch
         self.current_gamma = 0  # last returned gamma
         self.num_dwell_steps = 0  # argmax: steps the current choice has been held
+        self.num_plain_streak = 0  # argmax: plain steps in a row that only acceptance kept plain
+        self.num_probes = 0
         self.is_dwell_free = True  # argmax: the rollout's initial AR choice is not a switch
         self.num_seq_steps: dict[int, int] = {}  # gamma -> verified sequence-steps
         self.num_accepted_by_gamma: dict[int, int] = {}
@@ -196,15 +213,17 @@ class SpecPolicy:
         return self.gamma if self.is_on else 0
 
     def _choose_argmax(self, batch: int, mean_seq: float) -> int:
-        """Argmax: tps(g) = roofline.tokens_per_s(B, S, g, L(alpha_hat, g)) for g in {0} U ladder.
+        """Argmax: tps(g) = roofline.tokens_per_s(B, S, g, L(alpha_hat, g)) for g in {0} U argmax_gammas.
 
         Keep the current g unless best's tps >= (1 + hysteresis) * tps(current) and the current g has been
         held >= min_dwell_steps steps. Exception: if the current g > 0 predicts a loss (tps(g) < tps(0)),
-        switch at once to the best choice (0 when no g beats AR). Ties go to the smaller g.
+        switch at once to the best choice (0 when no g beats AR). Ties go to the smaller g. Then the probe
+        (module docstring): one step at the smallest g after probe_every plain steps that only alpha kept
+        plain; the next step leaves it at once if it still predicts a loss.
         """
         alpha = self.alpha_hat()
         tps = {0: self.roofline.tokens_per_s(batch, mean_seq, 0, 1.0)}
-        for g in self.gamma_ladder:
+        for g in self.argmax_gammas:
             tps[g] = self.roofline.tokens_per_s(batch, mean_seq, g, expected_accept_len(alpha, g))
         best = max(tps, key=lambda g: (tps[g], -g))
         cur = self.current_gamma if self.current_gamma in tps else 0
@@ -214,7 +233,21 @@ class SpecPolicy:
         if best != cur and (is_loss or (is_held and is_better)):
             cur, self.num_dwell_steps, self.is_dwell_free = best, 0, False
         self.num_dwell_steps += 1
-        return cur
+        return self._maybe_probe(cur, batch, mean_seq, tps[0])
+
+    def _maybe_probe(self, cur: int, batch: int, mean_seq: float, tps_plain: float) -> int:
+        g = self.argmax_gammas[0]
+        pays_at_prior = self.roofline.tokens_per_s(
+            batch, mean_seq, g, expected_accept_len(self.prior_alpha0, g)) > tps_plain
+        if cur != 0 or self.probe_every == 0 or not pays_at_prior:
+            self.num_plain_streak = 0
+            return cur
+        self.num_plain_streak += 1
+        if self.num_plain_streak <= self.probe_every:
+            return 0
+        self.num_plain_streak = 0
+        self.num_probes += 1
+        return g
 
     # ---- acceptance ----------------------------------------------------------------------------------
     def observe(self, gamma: int, accepted) -> None:
@@ -276,4 +309,4 @@ class SpecPolicy:
                 "spec/alpha_hat": self.alpha_hat(),
                 "spec/accept_len_prev": self.prev_accept_len(self.gamma) if self.gamma > 0 else math.nan,
                 "spec/accept_rate_prev": math.nan if rate is None else rate,
-                "spec/is_on": float(self.current_gamma > 0)}
+                "spec/is_on": float(self.current_gamma > 0), "spec/num_probes": self.num_probes}

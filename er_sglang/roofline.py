@@ -313,16 +313,24 @@ def fit_stage1(ar_records, F, W_t, C_dense, C_attn):
     return float(math.exp(x[0])), float(math.exp(x[1])), float(x[2])
 
 
+def _draft_step_records(sd_records):
+    """SD records with `t_draft_ms` = ONE draft forward: scripts/bench_step.py writes that as
+    `t_draft_step_ms` (its `t_draft_ms` is all gamma forwards of a step); records without it (hand-made,
+    the published fits) already hold one step in `t_draft_ms`."""
+    return [dict(r, t_draft_ms=r["t_draft_step_ms"]) if r.get("t_draft_step_ms") is not None else r
+            for r in sd_records]
+
+
 def fit_stage2(sd_records, params: RooflineParams):
     """(eta_d, c_D [us/seq], c_V [us/seq]) from SD steps {batch, seq, gamma, t_draft_ms, t_verify_ms}.
 
-    t_draft_ms is one draft step. BW, kappa, F and the shapes come from `params` (stage 1). c_V is
+    t_draft_ms is one draft step (see _draft_step_records). BW, kappa, F and the shapes come from `params` (stage 1). c_V is
     additive: c_V*B*1e-6 = T_V - max(...). On memory-bound draft points
     t_D - kappa*B*S/BW = eta_d*(W_d/BW) + B*(c_D*1e-6). Both start from relative least squares and are
     refined on log-MSE with Nelder-Mead.
     """
     B, S, g, td_ms, tv_ms = _columns(
-        sd_records, ("batch", "seq", "gamma", "t_draft_ms", "t_verify_ms"), "SD records")
+        _draft_step_records(sd_records), ("batch", "seq", "gamma", "t_draft_ms", "t_verify_ms"), "SD records")
     p, td, tv = params, td_ms * 1e-3, tv_ms * 1e-3
     work = B * p.C_dense + B * S * p.C_attn
     kv_s = p.kappa * B * S / p.BW
@@ -349,7 +357,8 @@ def validate(params: RooflineParams, ar_records, sd_records, accept_len) -> dict
     """
     model = Roofline(params)
     B, S, ms = _columns(ar_records, ("batch", "seq", "ms_per_step"), "AR records")
-    sB, sS, sg, td, tv = _columns(sd_records, ("batch", "seq", "gamma", "t_draft_ms", "t_verify_ms"), "SD records")
+    sB, sS, sg, td, tv = _columns(_draft_step_records(sd_records),
+                                  ("batch", "seq", "gamma", "t_draft_ms", "t_verify_ms"), "SD records")
     t_v_pred = np.array([model.t_verify(b, s, int(k)) for b, s, k in zip(sB, sS, sg)])
     ar_ms = {}
     for b, s, m in zip(B, S, ms):
@@ -375,7 +384,8 @@ def validate(params: RooflineParams, ar_records, sd_records, accept_len) -> dict
 
 def load_records(*paths):
     """Benchmark JSON files (each a list, or {"records": [...]}) -> (ar, sd) record lists. A record is
-    AR if its `mode` is 'ar' (or, without a mode, if gamma is 0 or absent), SD otherwise."""
+    AR if its `mode` is 'ar' (or, without a mode, if gamma is 0 or absent), SD otherwise; SD records at
+    gamma = 0 (the worker's plain decode step: nothing drafted or verified) are left out."""
     ar, sd = [], []
     for path in dict.fromkeys(paths):  # the same file given twice is read once
         try:
@@ -387,7 +397,10 @@ def load_records(*paths):
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise ValueError(f"records file {path}: expected a list of objects or {{\"records\": [...]}}")
         for r in records:
-            (ar if r.get("mode", "ar" if not r.get("gamma") else "sd") == "ar" else sd).append(r)
+            if r.get("mode", "ar" if not r.get("gamma") else "sd") == "ar":
+                ar.append(r)
+            elif r.get("gamma"):
+                sd.append(r)
     return ar, sd
 
 

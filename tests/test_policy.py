@@ -11,6 +11,7 @@ import torch
 from er_sglang.policy import SpecPolicy
 
 A100_CONFIG = Path(__file__).resolve().parents[1] / "configs/roofline/a100_tp1_qwen2.5-7b.json"
+LADDER = (5, 7, 9, 11)  # the paper's ladder as argmax's candidates: the hand-computed cases below use it
 
 
 class LinearRoofline:
@@ -191,16 +192,16 @@ def test_policy_toggle_has_no_ladder():
 
 
 def test_policy_argmax_alpha_mle_by_hand():
-    policy = SpecPolicy("argmax", roofline=LinearRoofline(), prior_strength=0)
+    policy = SpecPolicy("argmax", argmax_gammas=LADDER, roofline=LinearRoofline(), prior_strength=0)
     policy.observe(4, [4, 2, 0])  # 6 accepted; rejections at the 2 and 0 steps
     assert policy.alpha_hat() == pytest.approx(6 / 8)
-    with_prior = SpecPolicy("argmax", roofline=LinearRoofline(), prior_alpha=0.9, prior_strength=10)
+    with_prior = SpecPolicy("argmax", argmax_gammas=LADDER, roofline=LinearRoofline(), prior_alpha=0.9, prior_strength=10)
     with_prior.observe(4, torch.tensor([4, 2, 0]))
     assert with_prior.alpha_hat() == pytest.approx((9 + 6) / (10 + 8))
 
 
 def test_policy_argmax_prior_carried_across_rollouts():
-    policy = SpecPolicy("argmax", roofline=LinearRoofline(), prior_alpha=0.9, prior_strength=10)
+    policy = SpecPolicy("argmax", argmax_gammas=LADDER, roofline=LinearRoofline(), prior_alpha=0.9, prior_strength=10)
     policy.observe(4, [4, 2, 0])
     policy.end_rollout()
     assert policy.alpha_hat() == pytest.approx(15 / 18)  # new rollout starts from the last posterior
@@ -214,18 +215,18 @@ def test_policy_argmax_prior_carried_across_rollouts():
 def test_policy_argmax_picks_gamma_maximizing_tokens_per_s():
     # alpha = 0.75, B = 1: L(g) = (1 - 0.75^(g+1))/0.25, denominators 1 + 0.12*g:
     # g=5: 3.2881/1.60 = 2.055; g=7: 3.5996/1.84 = 1.956; g=9: 3.7747/2.08 = 1.815; g=11: 3.8733/2.32 = 1.670
-    low = SpecPolicy("argmax", roofline=LinearRoofline(), prior_strength=0)
+    low = SpecPolicy("argmax", argmax_gammas=LADDER, roofline=LinearRoofline(), prior_strength=0)
     low.observe(4, [4, 2, 0])
     assert low.choose_gamma(1, 512.0) == 5
     # alpha = 19/20 = 0.95: g=5: 5.2982/1.60 = 3.311; g=7: 6.7316/1.84 = 3.659;
     # g=9: 8.0253/2.08 = 3.858; g=11: 9.1928/2.32 = 3.962
-    high = SpecPolicy("argmax", roofline=LinearRoofline(), prior_strength=0)
+    high = SpecPolicy("argmax", argmax_gammas=LADDER, roofline=LinearRoofline(), prior_strength=0)
     high.observe(11, [11, 8])
     assert high.choose_gamma(1, 512.0) == 11
 
 
 def test_policy_argmax_zero_when_no_gamma_beats_ar_and_on_when_batch_shrinks():
-    policy = SpecPolicy("argmax", roofline=LinearRoofline(), prior_strength=0)
+    policy = SpecPolicy("argmax", argmax_gammas=LADDER, roofline=LinearRoofline(), prior_strength=0)
     policy.observe(4, [4, 2, 0])  # alpha = 0.75
     # B = 40, g = 5: 3.2881/(1.5 + 4) = 0.598; larger g only worse
     assert [policy.choose_gamma(40, 512.0) for _ in range(10)] == [0] * 10
@@ -235,7 +236,7 @@ def test_policy_argmax_zero_when_no_gamma_beats_ar_and_on_when_batch_shrinks():
 
 def test_policy_argmax_hysteresis_prevents_flapping():
     roofline = ScriptedRoofline({5: 1.50, 7: 1.40, 9: 0.5, 11: 0.5})
-    policy = SpecPolicy("argmax", roofline=roofline, hysteresis=0.03, min_dwell_steps=8)
+    policy = SpecPolicy("argmax", argmax_gammas=LADDER, roofline=roofline, hysteresis=0.03, min_dwell_steps=8)
     assert policy.choose_gamma(4, 512.0) == 5
     picks = []
     for step in range(20):
@@ -250,7 +251,7 @@ def test_policy_argmax_hysteresis_prevents_flapping():
 
 def test_policy_argmax_dwell_holds_choice():
     roofline = ScriptedRoofline({5: 1.50, 7: 1.40, 9: 0.5, 11: 0.5})
-    policy = SpecPolicy("argmax", roofline=roofline, min_dwell_steps=8)
+    policy = SpecPolicy("argmax", argmax_gammas=LADDER, roofline=roofline, min_dwell_steps=8)
     assert policy.choose_gamma(4, 512.0) == 5  # step 1: switch 0 → 5
     roofline.sp[7] = 2.0
     assert [policy.choose_gamma(4, 512.0) for _ in range(7)] == [5] * 7  # steps 2..8
@@ -259,7 +260,7 @@ def test_policy_argmax_dwell_holds_choice():
 
 def test_policy_argmax_escapes_predicted_loss_inside_dwell():
     roofline = ScriptedRoofline({5: 1.50, 7: 1.40, 9: 0.5, 11: 0.5})
-    policy = SpecPolicy("argmax", roofline=roofline, min_dwell_steps=8)
+    policy = SpecPolicy("argmax", argmax_gammas=LADDER, roofline=roofline, min_dwell_steps=8)
     assert policy.choose_gamma(4, 512.0) == 5
     roofline.sp.update({5: 0.95, 7: 1.2})
     assert policy.choose_gamma(4, 512.0) == 7  # 5 now loses: switch at once to the best
@@ -314,6 +315,32 @@ def test_policy_toggle_a100_config_boundary():
     assert policy.choose_gamma(64, 2048.0) == 0  # ramped up; compute-bound
     assert policy.choose_gamma(24, 2048.0) == 0
     assert policy.choose_gamma(16, 2048.0) == 7
-    argmax = SpecPolicy("argmax", roofline=roofline)
+    argmax = SpecPolicy("argmax", argmax_gammas=LADDER, roofline=roofline)
     assert argmax.choose_gamma(64, 2048.0) == 0
     assert argmax.choose_gamma(1, 2048.0) > 0
+
+
+def test_policy_argmax_default_candidates_pick_a_small_gamma():
+    # alpha = 0.75, B = 1, tps(g) = L(g) / (1 + 0.12 g): g=1 1.75/1.12 = 1.5625; g=2 2.3125/1.24 = 1.8649;
+    # g=3 2.7344/1.36 = 2.0106; g=4 3.0508/1.48 = 2.0613; g=5 3.2881/1.60 = 2.0551; g=7 3.5995/1.84 = 1.9563
+    policy = SpecPolicy("argmax", roofline=LinearRoofline(), prior_strength=0)
+    assert policy.argmax_gammas == (1, 2, 3, 4, 5, 7)
+    policy.observe(4, [4, 2, 0])
+    assert policy.choose_gamma(1, 512.0) == 4
+    with pytest.raises(ValueError, match="argmax_gammas"):
+        SpecPolicy("argmax", roofline=LinearRoofline(), argmax_gammas=(3, 1))
+
+
+def test_policy_argmax_probe_remeasures_after_plain_streak():
+    # alpha_hat = 0: L = 1 for every g, tps(g) = 1 / (1 + 0.12 g) < 1 -> plain. At the prior alpha 0.9 the
+    # smallest g would pay at B = 1 (L(1) = 1.9: 1.9 / 1.12 = 1.70), so every 4th plain step is a g = 1 probe,
+    # left at once on the next step (predicted loss).
+    policy = SpecPolicy("argmax", roofline=LinearRoofline(), prior_strength=0, probe_every=3)
+    policy.observe(1, [0, 0, 0, 0])
+    assert [policy.choose_gamma(1, 512.0) for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]
+    assert policy.stats()["spec/num_probes"] == 2
+    # B = 40: g = 1 would not pay even at the prior (1.9 / (1.1 + 0.8) = 1.0, not > 1): no probe
+    assert [policy.choose_gamma(40, 512.0) for _ in range(8)] == [0] * 8
+    off = SpecPolicy("argmax", roofline=LinearRoofline(), prior_strength=0, probe_every=0)
+    off.observe(1, [0, 0, 0, 0])
+    assert [off.choose_gamma(1, 512.0) for _ in range(8)] == [0] * 8

@@ -218,3 +218,17 @@ def test_roofline_cli_plot_writes_png(tmp_path):
     assert rl.main(["plot", "--config", str(A100), "--seq", "2048", "--gamma", "7",
                     "--accept-lens", "3,4.5,6", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_roofline_records_from_bench_step_use_one_draft_step():
+    """bench_step's t_draft_ms is all gamma draft forwards; the fit must read t_draft_step_ms (one forward),
+    else eta_d / c_D come out ~gamma x too large. gamma = 0 SD rows (plain decode) are not SD points."""
+    from er_sglang.roofline import _draft_step_records, load_records
+
+    path = Path(__file__).resolve().parents[1] / "docs/results/bench_step_h200_flashinfer.json"
+    ar, sd = load_records(str(path))
+    assert {r["mode"] for r in ar} == {"ar"} and all(r["gamma"] > 0 for r in sd)
+    for raw, r in zip(sd, _draft_step_records(sd)):
+        assert r["t_draft_ms"] == pytest.approx(raw["t_draft_ms"] / raw["gamma"])
+    hand = [{"batch": 1, "seq": 512, "gamma": 3, "t_draft_ms": 1.5, "t_verify_ms": 6.0}]
+    assert _draft_step_records(hand) == hand  # records without t_draft_step_ms already hold one step

@@ -23,7 +23,12 @@ from er_sglang.sglang.gamma import SPEC_ENV, candidate_gammas
 # kit needs its FLASHINFER=1 build for flashinfer and has no flashinfer sampling kernels (sampling: pytorch).
 ENGINE_DEFAULTS = {"attention_backend": "flashinfer", "sampling_backend": "pytorch", "log_level": "warning"}
 POLICY_KEYS = ("margin", "rampup_batch", "ladder_up", "ladder_down", "ladder_patience", "hysteresis",
-               "min_dwell_steps", "prior_alpha", "prior_strength")
+               "min_dwell_steps", "prior_alpha", "prior_strength", "argmax_gammas", "probe_every")
+
+
+def _plain(value):
+    """OmegaConf lists -> plain lists (the spec travels as JSON to the scheduler process)."""
+    return [int(v) for v in value] if hasattr(value, "__len__") and not isinstance(value, str) else value
 
 
 def check_server_args(sglang_args: dict) -> None:
@@ -77,7 +82,8 @@ class SGLangEngine:
                 "gamma_ladder": [int(g) for g in _get(cfg, "spec.gamma_ladder", (5, 7, 9, 11))],
                 "roofline": _get(cfg, "spec.roofline") or _get(cfg, "roofline.path"),
                 "timing": bool(_get(cfg, "spec.timing", False)), "bs_max": _get(cfg, "spec.bs_max"),
-                "policy": {k: _get(cfg, f"spec.{k}") for k in POLICY_KEYS if _get(cfg, f"spec.{k}") is not None}}
+                "policy": {k: _plain(_get(cfg, f"spec.{k}")) for k in POLICY_KEYS
+                           if _get(cfg, f"spec.{k}") is not None}}
         sglang_args = _get(cfg, "sglang", {}) or {}
         if not isinstance(sglang_args, dict):
             from omegaconf import OmegaConf
@@ -86,7 +92,8 @@ class SGLangEngine:
         return cls(str(_get(cfg, "model.path")), spec, sglang_args)
 
     def _spec_server_args(self) -> dict:
-        cands = candidate_gammas(self.mode, self.spec["gamma"], self.spec["gamma_ladder"])
+        cands = candidate_gammas(self.mode, self.spec["gamma"], self.spec["gamma_ladder"],
+                                 (self.spec.get("policy") or {}).get("argmax_gammas"))
         # SGLang sizes shared buffers (logits rows, KV reserve per decode) from the startup gamma: the largest.
         startup = max(cands)
         return {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": self.model_path,

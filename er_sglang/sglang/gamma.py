@@ -14,12 +14,17 @@ import os
 SPEC_ENV = "ER_SGLANG_SPEC"  # JSON spec config, set by SGLangEngine, read in the scheduler process
 
 
-def candidate_gammas(mode: str, gamma: int, ladder) -> list[int]:
+ARGMAX_GAMMAS = (1, 2, 3, 4, 5, 7)  # SpecPolicy's default argmax candidates
+
+
+def candidate_gammas(mode: str, gamma: int, ladder, argmax_gammas=None) -> list[int]:
     """The gammas a policy of `mode` can return (one CUDA-graph set is built per entry)."""
     if mode == "rtn":
         return [int(gamma)]
     if mode == "toggle":
         return [0, int(gamma)]
+    if mode == "argmax":
+        return sorted({0, *[int(g) for g in (argmax_gammas or ARGMAX_GAMMAS)]})
     return sorted({0, int(gamma), *[int(g) for g in ladder]})
 
 
@@ -60,7 +65,8 @@ class GammaChooser:
     def __init__(self, policy, spec: dict):
         self.policy = policy
         self.mode = spec["mode"]
-        self.candidates = candidate_gammas(spec["mode"], spec["gamma"], spec["gamma_ladder"])
+        self.candidates = candidate_gammas(spec["mode"], spec["gamma"], spec["gamma_ladder"],
+                                           (spec.get("policy") or {}).get("argmax_gammas"))
         self.bs_max_cfg = spec.get("bs_max")
         self.forced: int | None = None
         self.served_bs: dict[int, int] = {}  # gamma -> largest B its graphs serve (set by the worker)

@@ -87,3 +87,44 @@ class StepTimer:
     def reset(self) -> None:
         self._resolve()
         self._acc.clear()
+
+
+class HostProfiler:
+    """Host-side profile of the scheduler process over decode steps (ER_PROFILE_STEPS="skip,count[,path]").
+
+    cProfile runs from decode step `skip` for `count` steps, then writes pstats (sorted by cumulative time)
+    to `path` (default /tmp/er_host_profile.txt). For finding where a step's host time goes on the device.
+    """
+
+    def __init__(self, skip: int, count: int, path: str):
+        import cProfile
+
+        self.skip, self.count, self.path = skip, count, path
+        self.num_steps = 0
+        self.profile = cProfile.Profile()
+
+    @classmethod
+    def from_env(cls):
+        import os
+
+        raw = os.environ.get("ER_PROFILE_STEPS")
+        if not raw:
+            return None
+        parts = raw.split(",")
+        path = parts[2] if len(parts) > 2 else "/tmp/er_host_profile.txt"
+        return cls(int(parts[0]), int(parts[1]), path)
+
+    def tick(self) -> None:
+        """Call once per decode step (from the worker, all of the scheduler loop in between is profiled)."""
+        if self.num_steps == self.skip:
+            self.profile.enable()
+        elif self.num_steps == self.skip + self.count:
+            self.profile.disable()
+            import io
+            import pstats
+
+            out = io.StringIO()
+            pstats.Stats(self.profile, stream=out).sort_stats("cumulative").print_stats(60)
+            with open(self.path, "w") as f:
+                f.write(out.getvalue())
+        self.num_steps += 1

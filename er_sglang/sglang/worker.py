@@ -34,7 +34,7 @@ from er_sglang.sglang.selfdraft import SelfDrafter
 from er_sglang.sglang.gamma import GammaChooser, build_policy, spec_from_env
 from er_sglang.sglang.graphs import build_states, set_spec_steps
 from er_sglang.sglang.marlin_int4 import draft_mode
-from er_sglang.sglang.stats import StepTimer, WorkerStats
+from er_sglang.sglang.stats import HostProfiler, StepTimer, WorkerStats
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class SelfSpecWorker(EAGLEWorkerV2):
         self.drafter = SelfDrafter(target_worker.model_runner.model)
         self.states: dict = {}
         self._pending: deque[tuple[int, list]] = deque()  # (gamma, reqs) per launched decode step
+        self.profiler = HostProfiler.from_env()
 
     # ---- scheduler lifecycle -------------------------------------------------------------------------
     def alloc_memory_pool(self, memory_pool_config=None, req_to_token_pool=None, token_to_kv_pool_allocator=None):
@@ -139,6 +140,8 @@ class SelfSpecWorker(EAGLEWorkerV2):
             out.next_draft_input = self._seed(out.next_token_ids)
             return out
         self.drafter.refresh_if_stale()
+        if self.profiler is not None:
+            self.profiler.tick()
         bs = len(batch.reqs)
         gamma = self.chooser.choose(bs, self._mean_seq(batch))
         start = self.timer.start()

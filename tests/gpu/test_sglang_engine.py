@@ -36,7 +36,7 @@ def record(name: str, payload: dict) -> None:
 @pytest.fixture(scope="module")
 def eng(tiny_path):
     spec = {"mode": "argmax", "gamma": 3, "gamma_ladder": [3, 5], "roofline": ROOFLINE, "timing": True,
-            "policy": {"min_dwell_steps": 2}, "bs_max": 16}
+            "policy": {"min_dwell_steps": 2, "argmax_gammas": [3, 5]}, "bs_max": 16}
     e = SGLangEngine(tiny_path, spec, small_engine_args())
     yield e
     e.shutdown()

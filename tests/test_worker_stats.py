@@ -1,0 +1,31 @@
+"""The GPU worker's host-side bookkeeping (no SGLang needed): per-step stats and the host profiler."""
+from __future__ import annotations
+
+from er_sglang.sglang.stats import HostProfiler, WorkerStats
+
+
+def test_worker_stats_denominator_follows_each_steps_gamma():
+    st = WorkerStats()
+    st.observe(3, [3, 1])  # two sequences, gamma 3: 4 of 6 drafts accepted
+    st.observe(0, [0, 0])  # a plain decode step drafts nothing
+    st.observe(5, [9])  # counts above gamma are clamped (a finished request's padding)
+    d = st.as_dict()
+    assert (d["num_drafted"], d["num_accepted"]) == (3 * 2 + 5, 4 + 5)
+    assert (d["num_steps"], d["num_spec_steps"]) == (3, 2)
+    assert d["num_emitted"] == (4 + 2) + (0 + 2) + (5 + 1)
+    assert d["gamma_hist"] == {3: 1, 0: 1, 5: 1}
+    assert d["accept_len_hist"] == {3: 1, 1: 1, 5: 1}
+
+
+def test_host_profiler_writes_stats_after_its_window(tmp_path, monkeypatch):
+    out = tmp_path / "prof.txt"
+    monkeypatch.setenv("ER_PROFILE_STEPS", f"1,2,{out}")
+    prof = HostProfiler.from_env()
+    for _ in range(3):
+        prof.tick()
+        sum(range(1000))
+        assert not out.exists()
+    prof.tick()  # step skip + count: the window closes
+    assert "function calls" in out.read_text()
+    monkeypatch.delenv("ER_PROFILE_STEPS")
+    assert HostProfiler.from_env() is None
