@@ -5,14 +5,21 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from er_sglang.data import TEMPLATES
 
 SPEC_MODES = ("no-sd", "rtn", "toggle", "adaptive", "argmax")
 ENGINES = ("reference", "sglang")
@@ -27,7 +34,19 @@ class ConfigError(ValueError):
 
 def _require(ok: bool, key: str, expected: str, got: Any) -> None:
     if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+        choices = re.findall(r"'([^']*)'", expected) if isinstance(got, str) else []
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}{did_you_mean(got, choices, quote=True)}")
+
+
+def did_you_mean(word: str, candidates, quote: bool = False) -> str:
+    """'; did you mean X?' for the closest candidate (difflib ratio >= 0.6), else ''."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1)
+    return f"; did you mean {close[0]!r}?" if close and quote else (f"; did you mean {close[0]}?" if close else "")
+
+
+def ignores_key(mode: str, key: str) -> bool:
+    """True when spec.mode `mode` never reads `key`: no-sd builds no drafter and reads no spec.* key."""
+    return mode == "no-sd" and key.startswith("spec.") and key != "spec.mode"
 
 
 @dataclass
@@ -53,6 +72,8 @@ class SpecConfig:
     drafter_backend: str = "auto"
     group_size: int = 128
     bs_max: int | None = None  # GPU: no gamma > 0 graphs above this batch (default: from the roofline)
+    argmax_gammas: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 7])  # argmax's candidates (+ 0)
+    probe_every: int = 256  # argmax: one smallest-gamma probe after this many plain steps (0: never)
 
     def __post_init__(self):
         _require(self.mode in SPEC_MODES, "spec.mode", f"one of {SPEC_MODES}", self.mode)
@@ -70,6 +91,10 @@ class SpecConfig:
                  f"one of {DRAFTER_BACKENDS}", self.drafter_backend)
         _require(self.group_size in (32, 64, 128, 256), "spec.group_size", "32, 64, 128 or 256",
                  self.group_size)
+        cands = list(self.argmax_gammas)
+        _require(len(cands) > 0 and all(g > 0 for g in cands) and cands == sorted(set(cands)),
+                 "spec.argmax_gammas", "a non-empty increasing list of positive ints", cands)
+        _require(self.probe_every >= 0, "spec.probe_every", "an int >= 0", self.probe_every)
         if self.bs_max is not None:
             _require(self.bs_max >= 0, "spec.bs_max", "an int >= 0 or null", self.bs_max)
         if self.mode in ("toggle", "adaptive", "argmax"):
@@ -101,6 +126,7 @@ class DataConfig:
 
     def __post_init__(self):
         _require(bool(self.train), "data.train", "a dataset spec or file", self.train)
+        _require(self.template in TEMPLATES, "data.template", f"one of {TEMPLATES}", self.template)
         _require(self.size >= 1, "data.size", "an int >= 1", self.size)
         _require(self.prompts_per_step >= 1, "data.prompts_per_step", "an int >= 1", self.prompts_per_step)
         _require(self.samples_per_prompt >= 1, "data.samples_per_prompt", "an int >= 1",
@@ -132,7 +158,7 @@ def reject_options(argv: list[str], usage: str) -> None:
     """CLIs take [CONFIG.yaml] key=value ...: any other dash option is bad input."""
     bad = [a for a in argv if a.startswith("-")]
     if bad:
-        raise ConfigError(f"{bad[0]}: unknown option ({usage})")
+        raise ConfigError(f"{bad[0]}: unknown option ({usage}; --help lists the keys)")
 
 
 def report_bad_input(exc: Exception) -> int:
@@ -149,24 +175,47 @@ def resolve_path(path: str) -> Path:
     return PROJECT_ROOT / p
 
 
-def load_config(schema: type, argv: list[str]):
-    """[CONFIG.yaml] [key=value ...] -> validated instance of `schema`; raises ConfigError (one line)."""
+def load_config(schema: type, argv: list[str], base: str | Path | None = None, ignore: tuple = ()):
+    """[CONFIG.yaml] [key=value ...] -> validated instance of `schema`; raises ConfigError (one line).
+
+    Layers, later wins: the schema defaults, `base` (a run's saved config.yaml when it is resumed),
+    CONFIG.yaml without its top-level keys in `ignore`, then the key=value overrides.
+    """
     files = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]
     if len(files) > 1:
         raise ConfigError(f"expected at most one config file, got {files}")
+    layers = [(str(base), _load_yaml(str(base)))] if base else []
+    if files:
+        from_file = _load_yaml(files[0])
+        for key in ignore:
+            from_file.pop(key, None)
+        layers.append((files[0], from_file))
     try:
-        merged = OmegaConf.structured(schema)
-        if files:
-            merged = OmegaConf.merge(merged, _load_yaml(files[0]))
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        layers.append(("", OmegaConf.from_dotlist(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{_omegaconf_message(exc, schema)} (in key=value overrides)") from None
+    merged = OmegaConf.structured(schema)
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{source}: {_omegaconf_message(exc, schema)}" if source
+                              else _omegaconf_message(exc, schema)) from None
+    try:
         return OmegaConf.to_object(merged)
     except ConfigError:
         raise
     except OmegaConfBaseException as exc:
-        raise ConfigError(_omegaconf_message(exc)) from None
+        raise ConfigError(_omegaconf_message(exc, schema)) from None
     except ValueError as exc:  # __post_init__ of a nested dataclass wrapped by OmegaConf
         raise ConfigError(str(exc).splitlines()[0]) from None
+
+
+def foreign_keys(schema: type, path: str) -> list[str]:
+    """Top-level keys of the YAML file `path` (with its defaults) that `schema` does not have."""
+    names = {f.name for f in dataclasses.fields(schema)}
+    return [str(k) for k in _load_yaml(path) if str(k) not in names]
 
 
 def _load_yaml(path: str, seen: tuple = ()):
@@ -174,12 +223,17 @@ def _load_yaml(path: str, seen: tuple = ()):
     merged first, so experiment files can share a base."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found" if not p.exists() else f"{path}: not a file")
     if p.resolve() in seen:
         raise ConfigError(f"{path}: defaults include themselves")
     try:
         cfg = OmegaConf.load(p)
-    except Exception as exc:  # noqa: BLE001 - yaml.YAMLError and friends: report the file and the first line
+    except yaml.MarkedYAMLError as exc:  # line and column of the problem, as an editor counts them
+        mark, opened = exc.problem_mark or exc.context_mark, exc.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        context = f"; {exc.context} at line {opened.line + 1}, column {opened.column + 1}" if opened else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({exc.problem or exc.context}{context})") from None
+    except Exception as exc:  # noqa: BLE001 - unreadable file, bad encoding: report the file and the first line
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not OmegaConf.is_dict(cfg):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
@@ -193,11 +247,15 @@ def _load_yaml(path: str, seen: tuple = ()):
     return OmegaConf.merge(merged, cfg)
 
 
-def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+def _omegaconf_message(exc: OmegaConfBaseException, schema: type) -> str:
     key = getattr(exc, "full_key", None) or ""
     msg = str(exc).splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
-        return f"{key}: unknown key"
+        keys = [k for k, _, _, _ in schema_fields(schema)]
+        leaf = key.rsplit(".", 1)[-1]
+        same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]  # lr= -> train.lr
+        hint = f"; did you mean {same_leaf[0]}?" if same_leaf else did_you_mean(key, keys)
+        return f"{key}: unknown key{hint} (--help lists the keys)"
     cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
     if cause:
         return str(cause)
@@ -206,3 +264,68 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
 
 def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def schema_fields(schema: type, prefix: str = ""):
+    """(dotted key, dataclass field, the dataclass that owns it, default) for every leaf key of `schema`."""
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from schema_fields(type(default), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, schema, default
+
+
+def schema_help(schema: type, usage: str) -> str:
+    """`--help`: every key by section with its type, default, allowed values (asked of the schema's own
+    validation, so they cannot drift from it) and the comment its field carries in the source."""
+    lines = [usage, "", "CONFIG.yaml holds these keys (configs/ has examples); key=value overrides it.",
+             "key  type = default  (allowed values)  # what it is"]
+    sections: dict[str, list[str]] = {"top level": []}
+    for key, f, owner, default in schema_fields(schema):
+        allowed = _allowed_values(owner, f, key)
+        comment = _field_comment(owner, f.name)
+        sections.setdefault(key.split(".")[0] if "." in key else "top level", []).append(
+            f"  {key:<26} {f.type} = {_show(default)}" + (f"  ({allowed})" if allowed else "")
+            + (f"  # {comment}" if comment else ""))
+    for name, rows in sections.items():
+        lines += ["", f"{name}:", *rows]
+    return "\n".join(lines)
+
+
+_PROBES = {"str": "\0", "int": -10**18, "float": -1e18, "int | None": -10**18, "list[int]": [-1]}
+
+
+def _allowed_values(owner: type, f: dataclasses.Field, key: str) -> str:
+    """What the validator expects of `key`: build `owner` with a value it must reject and read the message."""
+    probe = _PROBES.get(str(f.type))
+    if probe is None:
+        return ""
+    try:
+        owner(**{f.name: probe})
+    except ConfigError as exc:
+        msg = str(exc)
+        if msg.startswith(key) and ": expected " in msg:
+            expected = msg.split(": expected ", 1)[1].rsplit(", got ", 1)[0]
+            return re.sub(r"\(('[^)]*')\)", lambda m: m.group(1).replace("'", "").replace(", ", "|"), expected)
+    except Exception:  # noqa: BLE001 - a probe another check trips over says nothing about this key
+        return ""
+    return ""
+
+
+def _field_comment(owner: type, name: str) -> str:
+    for cls in owner.__mro__:
+        if dataclasses.is_dataclass(cls):
+            for line in inspect.getsource(cls).splitlines():
+                match = re.match(rf"\s+{name}: [^=]+=.*?  # (.*)$", line)
+                if match:
+                    return match.group(1)
+    return ""
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return value or "''"
+    return str(value)

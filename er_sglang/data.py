@@ -73,9 +73,25 @@ def gsm8k_answer(solution: str) -> str:
 
 
 def math_answer(solution: str) -> str | None:
-    from orchestrator.reward import extract_boxed
-
+    """A MATH solution's final answer: its last \\boxed{} (None if it has none)."""
     return extract_boxed(solution)
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the LAST \\boxed{...} / \\fbox{...} (nested braces), or `\\boxed 5`; None if absent."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
+    if text[i:i + 1] == "{":
+        depth = 0
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i + 1:j].strip()
+        return None  # unterminated (truncated response)
+    match = re.match(r"\s+([^\s$]+)", text[i:])
+    return match.group(1) if match else None
 
 
 def _level(value) -> int | None:

@@ -247,6 +247,20 @@ class Drafter:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    @torch.no_grad()
+    def check(self) -> dict:
+        """Does every int4 linear equal a fresh quantization of its target's current weight (bitwise)?
+
+        Catches a draft left stale by a weight sync or corrupted in memory; costs one quantization.
+        The rtn backend's dequantized cache is compared too: it is what its forward reads.
+        """
+        num_equal = 0
+        for e in self._entries:
+            fresh = type(e.draft)(e.target.weight, None, e.draft.group_size)
+            num_equal += all(torch.equal(a, b) for a, b in zip(_live_tensors(e.draft), _live_tensors(fresh)))
+        return {"num_linears": len(self._entries), "num_equal": num_equal,
+                "all_equal": num_equal == len(self._entries)}
+
     def weight_bytes(self) -> dict:
         """Bytes of the decoder linears (target at its own dtype vs int4 packed) and of shared tensors.
 
@@ -270,6 +284,11 @@ class Drafter:
             "ratio": draft_bytes / target_bytes,
             "ratio_vs_bf16": draft_bytes / (2 * target_numel),
         }
+
+
+def _live_tensors(draft: nn.Module) -> list[torch.Tensor]:
+    """The tensors a quantized linear's forward depends on (packed codes, scales, and rtn's cache)."""
+    return draft.packed_tensors() + ([draft.w_hat] if isinstance(draft, RtnInt4Linear) else [])
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -1,5 +1,8 @@
 """The RolloutEngine interface shared by the CPU reference engine and the SGLang backend.
 
+The backends import this module, never the reverse: `make_engine` (which picks a backend) is in
+er_sglang/rollout.py.
+
 An engine turns prompts into completed rollouts with the policy's exact sampling distribution,
 accepts new target weights (re-quantizing its self-drafter from them), can release memory while a
 colocated trainer runs, and reports speculative-decoding statistics.
@@ -100,6 +103,12 @@ class RolloutEngine(Protocol):
     def weights_checksum(self) -> str:
         """Checksum of the target's weights, comparable with `state_dict_checksum` of the trainer's."""
 
+    def draft_check(self) -> dict:
+        """{"ok": drafter == a fresh quantization of the target's weights, "num_linears", "num_equal"}."""
+
+    def requantize(self) -> float:
+        """Re-quantize the drafter from the target's current weights; returns seconds."""
+
     def sleep(self) -> None:
         """Release device memory for colocated training (no-op on CPU)."""
 
@@ -123,16 +132,3 @@ def state_dict_checksum(state_dict: dict[str, torch.Tensor], dtype: torch.dtype 
         h.update(name.encode())
         h.update(tensor.to(torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def make_engine(cfg, progress: bool = False) -> RolloutEngine:
-    """Build the engine named by cfg.engine ("reference" or "sglang") from a RolloutJob config."""
-    if cfg.engine == "reference":
-        from er_sglang.reference import ReferenceEngine
-
-        return ReferenceEngine.from_config(cfg, progress=progress)
-    if cfg.engine == "sglang":
-        from er_sglang.sglang.engine import SGLangEngine
-
-        return SGLangEngine.from_config(cfg)
-    raise ValueError(f"engine: expected 'reference' or 'sglang', got {cfg.engine!r}")

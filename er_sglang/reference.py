@@ -106,6 +106,17 @@ class ReferenceEngine:
     def weights_checksum(self) -> str:
         return state_dict_checksum(self.model.state_dict())
 
+    def draft_check(self) -> dict:
+        """{"ok", "num_linears", "num_equal"}: ok iff the drafter equals a fresh quantization of the target."""
+        if self.drafter is None or not hasattr(self.drafter, "check"):  # no-sd, or a test's non-int4 drafter
+            return {"ok": True, "num_linears": 0, "num_equal": 0}
+        c = self.drafter.check()
+        return {"ok": c["all_equal"], "num_linears": c["num_linears"], "num_equal": c["num_equal"]}
+
+    def requantize(self) -> float:
+        """Re-quantize the drafter from the target's current weights; returns seconds."""
+        return self.drafter.requantize() if self.drafter is not None else 0.0
+
     def sleep(self) -> None:
         self.is_sleeping = True  # nothing to release on CPU
 

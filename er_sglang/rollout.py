@@ -1,9 +1,9 @@
-"""Glue shared by `er-rollout` and `er-train`: prompts -> token ids, rollouts -> a summary dict."""
+"""Glue shared by `er-rollout` and `er-train`: config -> engine, prompts -> token ids, rollouts -> a summary."""
 from __future__ import annotations
 
 from collections import Counter
 
-from er_sglang.engine import Rollout, SpecStats
+from er_sglang.engine import Rollout, RolloutEngine, SpecStats
 
 
 def encode_prompts(examples, template: str, tokenizer, samples_per_prompt: int) -> list[list[int]]:
@@ -35,3 +35,27 @@ def summarize(mode: str, rollouts: list[Rollout], stats: SpecStats, wall_s: floa
         "median_len": lengths[len(lengths) // 2] if lengths else 0,
         "finish_reasons": dict(Counter(r.finish_reason for r in rollouts)),
     }
+
+
+def check_runnable(cfg) -> None:
+    """Raise ConfigError (one line) when cfg.engine's backend is not installed, before anything starts."""
+    import importlib.util
+
+    from er_sglang.config import ConfigError
+
+    if cfg.engine == "sglang" and importlib.util.find_spec("sglang") is None:
+        raise ConfigError("engine: sglang needs SGLang 0.5.17 (pip install -e '.[gpu]' on a GPU machine); "
+                          "engine=reference runs on CPU")
+
+
+def make_engine(cfg, progress: bool = False) -> RolloutEngine:
+    """Build the engine named by cfg.engine ("reference" or "sglang") from a RolloutJob config."""
+    if cfg.engine == "reference":
+        from er_sglang.reference import ReferenceEngine
+
+        return ReferenceEngine.from_config(cfg, progress=progress)
+    if cfg.engine == "sglang":
+        from er_sglang.sglang.engine import SGLangEngine
+
+        return SGLangEngine.from_config(cfg)
+    raise ValueError(f"engine: expected 'reference' or 'sglang', got {cfg.engine!r}")

@@ -9,22 +9,13 @@ c_* microseconds per sequence; every time is in seconds unless its name says ms:
     T_V(B,S,g) = max((W_t + kappa*B*S)/BW,       (g+1)*(B*C_dense + B*S*C_attn)/F)   + c_V*B*1e-6
     L(alpha,g) = (1 - alpha^(g+1)) / (1 - alpha)     speedup(g) = L*T_T / (g*T_D + T_V)
 
-Pure (numpy only); matplotlib is imported inside `plot`. CLI (`python -m er_sglang.roofline CMD`; prints one
-JSON line; bad input -> one `error: ...` line on stderr, exit 2):
-    predict  --config C --batch B --seq S --gamma G --accept-len L
-    boundary --config C --seq S --gamma G --accept-len L [--threshold 1.05 --max-batch 1024]
-    plot     --config C --seq S --gamma G --accept-lens 3,4.5,6 --out speedup.png [--max-batch 256]
-    validate --config C --ar AR.json --sd SD.json [--accept-len 6 | 3:3,7:6,11:8]
-    fit      --ar AR.json --sd SD.json --flops F --model-shapes {HF config.json | {W_t,W_d,C_dense,C_attn}}
-             --out cfg.json [--gpu NAME --model NAME --accept-len ...]
-Records files are lists or {"records": [...]}; each record is AR or SD by its `mode` ('ar'|'sd'), so
---ar and --sd may name the same file. --accept-len defaults to the paper's cold-start table per gamma.
+Pure (numpy only): no plotting and no CLI here; `python -m er_sglang.roofline_cli` is the command line
+(predict, boundary, plot, validate, fit) over this model.
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -402,14 +393,3 @@ def load_records(*paths):
             elif r.get("gamma"):
                 sd.append(r)
     return ar, sd
-
-
-def main(argv=None) -> int:
-    """The CLI (er_sglang/roofline_cli.py), kept in its own module so this one stays the model."""
-    from er_sglang.roofline_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

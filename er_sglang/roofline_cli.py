@@ -1,7 +1,16 @@
-"""CLI of the roofline model: `python -m er_sglang.roofline {predict,boundary,plot,validate,fit}`.
+"""CLI of the roofline model (er_sglang/roofline.py): `python -m er_sglang.roofline_cli CMD`.
 
-Each command prints one JSON line; bad input prints one `error: ...` line on stderr and exits 2.
-Usage is documented in `er_sglang/roofline.py`'s module docstring.
+Each command prints one JSON line; bad input prints one `error: ...` line on stderr and exits 2;
+matplotlib is imported by `plot` only.
+
+    predict  --config C --batch B --seq S --gamma G --accept-len L
+    boundary --config C --seq S --gamma G --accept-len L [--threshold 1.05 --max-batch 1024]
+    plot     --config C --seq S --gamma G --accept-lens 3,4.5,6 --out speedup.png [--max-batch 256]
+    validate --config C --ar AR.json --sd SD.json [--accept-len 6 | 3:3,7:6,11:8]
+    fit      --ar AR.json --sd SD.json --flops F --model-shapes {HF config.json | {W_t,W_d,C_dense,C_attn}}
+             --out cfg.json [--gpu NAME --model NAME --accept-len ...]
+Records files are lists or {"records": [...]}; each record is AR or SD by its `mode` ('ar'|'sd'), so
+--ar and --sd may name the same file. --accept-len defaults to the paper's cold-start table per gamma.
 """
 from __future__ import annotations
 
@@ -105,7 +114,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m er_sglang.roofline", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m er_sglang.roofline_cli", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     cmds = {name: sub.add_parser(name) for name in ("predict", "boundary", "plot", "validate", "fit")}
     for name in ("predict", "boundary", "plot", "validate"):
@@ -145,3 +154,7 @@ def main(argv=None) -> int:
         return 2
     print(json.dumps(result, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

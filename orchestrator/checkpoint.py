@@ -1,5 +1,6 @@
 """Checkpoints: trainer shards (DCP), data position, spec-policy state, written so a crash never leaves a
-checkpoint that looks complete (state.json is written last)."""
+checkpoint that looks complete: everything goes into a hidden `.step_N.partial/` directory (state.json
+last), which is renamed to `step_N/` once whole. Disk use is bounded: the newest `checkpoint.keep` stay."""
 from __future__ import annotations
 
 import json
@@ -14,16 +15,26 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def save(run_dir: Path, step: int, trainers: list, engines: list, data_state: dict, keep: int) -> Path:
-    """Save after `step` steps are done; keeps the newest `keep` complete checkpoints."""
-    path = checkpoint_root(run_dir) / f"step_{step:06d}"
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    ray.get([t.save_checkpoint.remote(str(path / "trainer")) for t in trainers])
+    """Save after `step` steps are done; keeps the newest `keep` (>= 1) complete checkpoints.
+
+    Peak disk use is keep + 1 checkpoints (the old ones go once the new one is complete).
+    """
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step_*"):  # left by a crash mid-save: never complete, never resumed from
+        shutil.rmtree(stale, ignore_errors=True)
+    path, partial = root / f"step_{step:06d}", root / f".step_{step:06d}.partial"
+    partial.mkdir()
+    ray.get([t.save_checkpoint.remote(str(partial / "trainer")) for t in trainers])
     state = {"step": step, "data": data_state, "policies": ray.get([e.policy_state.remote() for e in engines])}
-    tmp = path / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1, default=_jsonable))
-    tmp.rename(path / "state.json")
+    (partial / "state.json").write_text(json.dumps(state, indent=1, default=_jsonable))
+    if path.exists():  # a step redone after a restart replaces its own older checkpoint
+        old = root / f".step_{step:06d}.old"
+        path.rename(old)
+        partial.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        partial.rename(path)
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path

@@ -74,11 +74,28 @@ class LoggingSection:
 @dataclass
 class CheckpointSection:
     every: int = 5  # save every N steps (and at the end, and on Ctrl-C); 0 = only at the end
-    keep: int = 2  # newest checkpoints kept
+    keep: int = 2  # newest checkpoints kept on disk; 0 = write none (sweeps: a 135M run's is ~1.6 GB)
 
     def __post_init__(self):
         _require(self.every >= 0, "checkpoint.every", "an int >= 0", self.every)
-        _require(self.keep >= 1, "checkpoint.keep", "an int >= 1", self.keep)
+        _require(self.keep >= 0, "checkpoint.keep", "an int >= 0 (0 = no checkpoints)", self.keep)
+
+
+@dataclass
+class FaultSection:
+    """What a run survives before it stops (docs/reliability.md)."""
+
+    max_engine_restarts: int = 3  # rollout-engine deaths per run: Ray restarts it, the rollout is redone
+    max_trainer_restarts: int = 2  # trainer-rank deaths per run: all ranks restart from the last checkpoint
+    accept_collapse_ratio: float = 0.5  # acceptance < ratio x the previous rollout's: check the drafts
+
+    def __post_init__(self):
+        _require(self.max_engine_restarts >= 0, "fault.max_engine_restarts", "an int >= 0",
+                 self.max_engine_restarts)
+        _require(self.max_trainer_restarts >= 0, "fault.max_trainer_restarts", "an int >= 0",
+                 self.max_trainer_restarts)
+        _require(0 <= self.accept_collapse_ratio < 1, "fault.accept_collapse_ratio",
+                 "a float in [0, 1) (0 = never check on acceptance)", self.accept_collapse_ratio)
 
 
 @dataclass
@@ -96,6 +113,7 @@ class TrainConfig(RolloutJob):
     logging: LoggingSection = field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     sync: SyncSection = field(default_factory=SyncSection)
+    fault: FaultSection = field(default_factory=FaultSection)
     reward: str = "math_lenient"  # math: last \\boxed{} only (the paper); math_lenient: else the last number
     run_dir: str = ""  # "" = runs/<name or timestamp>
     resume: str = ""  # "" | "auto" (newest checkpoint in run_dir) | a checkpoint directory

@@ -18,6 +18,8 @@ import threading
 
 import sympy
 
+from er_sglang.data import extract_boxed  # the dataset loader reads MATH answers with it too
+
 MAX_ANSWER_CHARS = 200  # longer answers are compared as strings only
 _MAX_DEPTH = 3
 
@@ -37,23 +39,6 @@ _GREEK = ["\\alpha", "\\beta", "\\gamma", "\\theta", "\\lambda", "\\mu", "\\phi"
 _COMMANDS = sorted(["\\frac", "\\sqrt", "\\cdot", "\\times", *_FUNCS, *_CONSTS, *_GREEK], key=len, reverse=True)
 _TOKEN = re.compile(r"\d+\.?\d*|\.\d+|" + "|".join(re.escape(c) for c in _COMMANDS) + r"|[a-zA-Z]|[-+*/^(){}\[\]]")
 _POINTS = (0.5377, 1.8339, -2.2588, 0.8622, 0.3188, -1.3077, -0.4336, 0.3426)  # pseudo-random, fixed
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the LAST \\boxed{...} / \\fbox{...} (nested braces), or `\\boxed 5`; None if absent."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = start + (6 if text.startswith("\\boxed", start) else 5)
-    if text[i:i + 1] == "{":
-        depth = 0
-        for j in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return text[i + 1:j].strip()
-        return None  # unterminated (truncated response)
-    match = re.match(r"\s+([^\s$]+)", text[i:])
-    return match.group(1) if match else None
 
 
 def normalize_answer(s: str) -> str:

@@ -6,8 +6,14 @@ ${args_json}), runs each expanded command as a subprocess, one after another, an
 `<sweep_dir>/sweep.json` (runs, overrides, exit codes, last metric values, best run) after every run.
 
 Run i gets `ER_RUN_DIR=<sweep_dir>/run-<i>` in its environment and, when the command is `er-train`, a
-`run_dir=<sweep_dir>/run-<i>` override; its metric is the last value in `<run_dir>/metrics.jsonl`.
-Random sweeps stop after --max-runs (default: the YAML's `run_cap`, as `wandb agent --count`).
+`run_dir=<sweep_dir>/run-<i>` override. Its metric is the mean over the steps in `<run_dir>/metrics.jsonl`
+(with the std and the last value beside it): one step's timing is too noisy to rank runs by. An
+er-train run that differs from an earlier one only in keys its spec.mode ignores (no-sd and spec.gamma)
+is skipped. Random sweeps stop after --max-runs (default: the YAML's `run_cap`, as `wandb agent --count`).
+
+Ctrl-C is passed on to the running command once per press (it runs in its own session, so the terminal
+does not signal it directly): er-train then finishes its step and saves a checkpoint. No run starts
+after an interrupt; the exit code is 130 unless every run had already run and succeeded.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ import math
 import os
 import random
 import shlex
+import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from er_sglang.config import ignores_key
 from orchestrator.tracker import read_metrics
 
 METHODS = ("grid", "random")
@@ -64,7 +73,7 @@ def load_sweep(path: str) -> dict:
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return f"{problem}, line {mark.line + 1}" if mark else problem
+    return f"{problem}, line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def _check_param(key: str, spec, method: str) -> None:
@@ -147,10 +156,30 @@ def _is_er_train(sweep: dict, command: list[str]) -> bool:
     return any(Path(t).name == "er-train" or t == "orchestrator.cli" for t in command + program)
 
 
-def last_metric(run_dir: Path, name: str):
-    """The last value of `name` in run_dir/metrics.jsonl, or None."""
-    values = [line[name] for line in read_metrics(run_dir / "metrics.jsonl") if name in line]
-    return values[-1] if values else None
+def skip_ignored(sweep: dict, assignments: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(runs to do, runs skipped): an er-train run that differs from an earlier one only in keys its
+    spec.mode ignores would repeat that run."""
+    command = [str(c) for c in sweep.get("command") or DEFAULT_COMMAND]
+    if not _is_er_train(sweep, command):
+        return assignments, []
+    kept, skipped, seen = [], [], set()
+    for params in assignments:
+        mode = str(params.get("spec.mode", ""))
+        signature = tuple((k, repr(v)) for k, v in params.items() if not ignores_key(mode, k))
+        (skipped if signature in seen else kept).append(params)
+        seen.add(signature)
+    return kept, skipped
+
+
+def run_metric(run_dir: Path, name: str) -> dict:
+    """{metric: mean over the logged steps, metric_std, metric_last, metric_steps} of `name` (None if unlogged)."""
+    values = [line[name] for line in read_metrics(run_dir / "metrics.jsonl")
+              if isinstance(line.get(name), (int, float))]
+    if not values:
+        return {"metric": None, "metric_std": None, "metric_last": None, "metric_steps": 0}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"metric": statistics.fmean(values), "metric_std": std, "metric_last": values[-1],
+            "metric_steps": len(values)}
 
 
 def best_run(runs: list[dict], goal: str) -> dict | None:
@@ -164,29 +193,68 @@ def best_run(runs: list[dict], goal: str) -> dict | None:
 
 def run_sweep(sweep: dict, sweep_path: str, sweep_dir: Path, assignments: list[dict]) -> dict:
     metric = sweep.get("metric") or {}
-    result = {"sweep": sweep_path, "method": sweep["method"], "metric": metric, "runs": [], "best": None}
+    result = {"sweep": sweep_path, "method": sweep["method"], "metric": metric, "runs": [], "best": None,
+              "num_planned": len(assignments), "is_interrupted": False}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for i, params in enumerate(assignments):
         run_dir = sweep_dir / f"run-{i}"
         command = build_command(sweep, params, str(run_dir))
         print(f"[er-sweep] run {i + 1}/{len(assignments)}: {shlex.join(command)}", flush=True)
         start = time.perf_counter()
-        try:
-            env = {**os.environ, "ER_RUN_DIR": str(run_dir)}
-            exit_code = subprocess.run(command, env=env, check=False).returncode
-        except OSError as exc:  # command not found / not executable: record it and go on
-            print(f"[er-sweep] run {i}: {exc}", file=sys.stderr, flush=True)
-            exit_code = 127
-        value = last_metric(run_dir, metric["name"]) if metric else None
-        result["runs"].append({
-            "index": i, "run_dir": str(run_dir), "overrides": [f"{k}={v}" for k, v in params.items()],
-            "command": command, "exit_code": exit_code, "metric": value,
-            "wall_s": round(time.perf_counter() - start, 3)})
-        print(f"[er-sweep] run {i}: exit {exit_code}, {metric.get('name', 'metric')} = {value}", flush=True)
+        exit_code, is_interrupted = _run_child(command, {**os.environ, "ER_RUN_DIR": str(run_dir)})
+        run = {"index": i, "run_dir": str(run_dir), "overrides": [f"{k}={v}" for k, v in params.items()],
+               "command": command, "exit_code": exit_code, "wall_s": round(time.perf_counter() - start, 3),
+               **(run_metric(run_dir, metric["name"]) if metric else {"metric": None})}
+        result["runs"].append(run)
+        print(f"[er-sweep] run {i}: exit {exit_code}, {metric.get('name', 'metric')} = {_show_metric(run)}",
+              flush=True)
         if metric:
             result["best"] = best_run(result["runs"], metric.get("goal", "minimize"))
+        result["is_interrupted"] = is_interrupted
         (sweep_dir / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+        if is_interrupted:
+            break
     return result
+
+
+def _run_child(command: list[str], env: dict) -> tuple[int, bool]:
+    """Run `command` to its end -> (exit code, whether it was interrupted). It runs in a session of its
+    own, so one Ctrl-C reaches it once (from here): er-train's first SIGINT saves, a second stops at once."""
+    try:
+        proc = subprocess.Popen(command, env=env, start_new_session=True)
+    except OSError as exc:  # command not found / not executable: record it and go on
+        print(f"[er-sweep] {exc}", file=sys.stderr, flush=True)
+        return 127, False
+    is_interrupted = False
+    while True:
+        try:
+            return proc.wait(), is_interrupted
+        except KeyboardInterrupt:
+            if not is_interrupted:
+                print("[er-sweep] interrupt: passed to the run, which saves a checkpoint; no further runs "
+                      "(Ctrl-C again stops the run at once)", flush=True)
+            is_interrupted = True
+            proc.send_signal(signal.SIGINT)
+
+
+def _show_metric(run: dict) -> str:
+    if run.get("metric") is None:
+        return "None"
+    return (f"{run['metric']:.4g} (mean of {run['metric_steps']} steps, std {run['metric_std']:.2g}, "
+            f"last {run['metric_last']:.4g})")
+
+
+def _summary(result: dict, sweep_dir: Path) -> str:
+    best, runs = result["best"], result["runs"]
+    text = f"{len(runs)} of {result['num_planned']} runs -> {sweep_dir / 'sweep.json'}; best: "
+    if not best:
+        return text + "none"
+    text += f"run-{best['index']} {' '.join(best['overrides'])} ({result['metric']['name']} = {_show_metric(best)})"
+    close = [r for r in runs if r is not best and r["exit_code"] == 0 and r["metric"] is not None
+             and abs(r["metric"] - best["metric"]) <= best["metric_std"]]
+    if close:  # within one std of the best's own step-to-step spread: the ranking between them is noise
+        text += "; within its std: " + ", ".join(f"run-{r['index']}" for r in close)
+    return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -204,24 +272,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
         sweep = load_sweep(args.sweep)
-        assignments = expand_runs(sweep, args.max_runs, args.seed)
+        assignments, skipped = skip_ignored(sweep, expand_runs(sweep, args.max_runs, args.seed))
         sweep_dir = Path(args.sweep_dir or f"runs/sweep-{Path(args.sweep).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if skipped:
+            print(f"[er-sweep] skipping {len(skipped)} runs that repeat an earlier one (their spec.mode ignores "
+                  "the keys they differ in): " + "; ".join(" ".join(f"{k}={v}" for k, v in p.items())
+                                                           for p in skipped), flush=True)
         if args.dry_run:
             for i, params in enumerate(assignments):
                 print(shlex.join(build_command(sweep, params, str(sweep_dir / f"run-{i}"))))
             return 0
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` is handled as Ctrl-C: the run gets to save
         result = run_sweep(sweep, args.sweep, sweep_dir, assignments)
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # between runs, before any run started
+        print("[er-sweep] interrupted", file=sys.stderr)
         return 130
-    best = result["best"]
-    print(f"[er-sweep] {len(result['runs'])} runs -> {sweep_dir / 'sweep.json'}; best: "
-          + (f"run-{best['index']} {' '.join(best['overrides'])} ({result['metric']['name']} = {best['metric']})"
-             if best else "none"), flush=True)
-    return 0 if all(r["exit_code"] == 0 for r in result["runs"]) else 1
+    is_ok = all(r["exit_code"] == 0 for r in result["runs"])
+    if result["is_interrupted"] and not (is_ok and len(result["runs"]) == result["num_planned"]):
+        print(f"[er-sweep] interrupted: {_summary(result, sweep_dir)}", flush=True)
+        return 130
+    print(f"[er-sweep] {_summary(result, sweep_dir)}", flush=True)
+    return 0 if is_ok else 1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

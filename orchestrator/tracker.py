@@ -7,7 +7,9 @@ The jsonl file is the source of truth (sweeps and tests read it); wandb is best 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -28,6 +30,41 @@ COLUMNS = (
 )
 COLUMN_WIDTHS = (5, 7, 8, 7, 5, 5, 9, 8, 7, 9)
 TRACKER_MODES = ("auto", "online", "offline", "disabled")
+# Harmless log lines that every process (driver and each Ray worker) would print: (logger, message regex).
+# Matched in full so that any other warning of these loggers still shows.
+KNOWN_NOISE = (
+    # torchao's optional CUDA kernels, which a CPU-only torch cannot load (torchao works without them)
+    ("torchao", r"Failed to load \S*torchao/_C\w*\S*\.so: "),
+    # torch 2.13 deprecates torchao 0.17's register_constant() of its enums (torchao's code, not ours)
+    ("torch.utils._pytree", (r"<enum '\w+'> is an Enum subclass and is now natively supported by torch\.compile "
+                             r"as an opaque value type\. Calling register_constant\(\) on Enum subclasses is deprecated")),
+)
+
+
+class _DropKnownNoise(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+def quiet_known_noise() -> None:
+    """Drop the KNOWN_NOISE lines in this process (idempotent); Ray workers run it at start (below)."""
+    for name, pattern in KNOWN_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
+            logger.addFilter(_DropKnownNoise(pattern))
+
+
+def quiet_ray_workers(runtime_env: dict | None) -> dict:
+    """A RAY_RUNTIME_ENV_HOOK (er-train sets it): every Ray worker runs quiet_known_noise() before it
+    imports torchao, and loads weights without progress bars (8 per job, one per process and model)."""
+    env = dict(runtime_env or {})
+    env.setdefault("worker_process_setup_hook", "orchestrator.tracker.quiet_known_noise")
+    env["env_vars"] = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env.get("env_vars") or {})}
+    return env
 
 
 def read_metrics(path: str | Path) -> list[dict]:

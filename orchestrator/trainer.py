@@ -194,6 +194,7 @@ class FSDPTrainer:
         self.num_steps += 1
         out = {k: v / num_updates for k, v in totals.items()}
         out["train/num_tokens"] = totals["train/num_tokens"] / self.ppo_epochs
+        out["train/skipped_updates"] = totals["train/skipped_updates"]  # a count, not a mean
         out["train/lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 
@@ -222,14 +223,18 @@ class FSDPTrainer:
                 sums[k] += v.cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         keys = sorted(sums)
         reduced = self._all_reduce(torch.stack([sums[k] for k in keys]))  # contributions add up exactly
         out = {k: v.item() for k, v in zip(keys, reduced)}
+        # grad_norm and the reduced loss are global, so every rank takes the same decision: a NaN/inf loss
+        # or gradient skips the step (weights and AdamW moments untouched) instead of poisoning them
+        is_finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(reduced[keys.index("train/loss")]))
+        if is_finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         out["train/grad_norm"] = grad_norm.item()
         out["train/num_tokens"] = num_tokens
+        out["train/skipped_updates"] = float(not is_finite)
         return out
 
     def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor] | None:

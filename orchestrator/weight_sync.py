@@ -2,20 +2,27 @@
 
 Lifecycle (as TRL's weight transfer): gather (all ranks join the collective; rank 0 gets the dict) ->
 send (one object-store copy, every engine's `update_weights`, which re-quantizes its drafter) ->
-verify (on a schedule, the engine's weight checksum against the trainer's). An engine that fails keeps
-its previous weights (engines validate before copying) and the sync raises a WeightSyncError naming it.
+verify (on a schedule, the engine's weight checksum against the trainer's, and its drafter against a fresh
+quantization of those weights). An engine that fails keeps its previous weights (engines validate before
+copying) and the sync raises a WeightSyncError naming it; an engine that dies raises Ray's RayActorError,
+which the train loop answers by restarting it (orchestrator/train.py).
 """
 from __future__ import annotations
 
 import time
 
 import ray
+from ray.exceptions import RayActorError
 
 from er_sglang.engine import state_dict_checksum
 
 
 class WeightSyncError(RuntimeError):
     pass
+
+
+class DraftError(WeightSyncError):
+    """A drafter still differs from its target's quantization after being re-quantized."""
 
 
 class WeightSync:
@@ -40,6 +47,8 @@ class WeightSync:
         for i, call in enumerate(calls):
             try:
                 timings.append(ray.get(call))
+            except RayActorError:
+                raise  # the engine died: the train loop restarts it and syncs again
             except Exception as exc:  # noqa: BLE001 - the engine raised: it kept its previous weights
                 raise WeightSyncError(f"weight sync failed on engine {i}: {_first_line(exc)}") from None
         self.num_syncs += 1
@@ -49,6 +58,7 @@ class WeightSync:
         if self.verify_every and self.num_syncs % self.verify_every == 0:
             self.verify(state_dict)
             out["sync/verified"] = 1.0
+            out["spec/draft_ok"] = check_drafts(self.engines)
         return out
 
     def verify(self, state_dict) -> None:
@@ -58,6 +68,26 @@ class WeightSync:
         bad = [i for i, c in enumerate(got) if c != want]
         if bad:
             raise WeightSyncError(f"weight checksum mismatch on engine(s) {bad}: trainer {want}, engines {got}")
+
+
+def check_drafts(engines: list) -> float:
+    """1.0 if every drafter equals a fresh quantization of its target; else re-quantize the ones that
+    don't and return 0.0. Raises DraftError if one still differs (the fault is not a missed refresh).
+
+    A stale or corrupted draft never changes what is sampled (verification is lossless); it only drops
+    acceptance, so the rollout it produced stands and the next one runs with the repaired draft.
+    """
+    checks = ray.get([e.draft_check.remote() for e in engines])
+    bad = [i for i, c in enumerate(checks) if not c["ok"]]
+    if not bad:
+        return 1.0
+    ray.get([engines[i].requantize.remote() for i in bad])
+    again = ray.get([engines[i].draft_check.remote() for i in bad])
+    still = [i for i, c in zip(bad, again) if not c["ok"]]
+    if still:
+        raise DraftError(f"drafter of engine(s) {still} differs from a fresh int4 quantization of its target "
+                         f"even after re-quantizing ({again[bad.index(still[0])]}); stopping")
+    return 0.0
 
 
 def _first_line(exc: Exception) -> str:

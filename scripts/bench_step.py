@@ -211,13 +211,16 @@ def cmd_table(args) -> None:
     """Markdown: per (S, B, gamma) the SD step (CUDA events), the AR step (wall), r and verify / AR."""
     _, recs = _rows(args.json)
     ar = {(r["seq"], r["batch"]): r["ms_per_step"] for r in recs if r["mode"] == "ar"}
-    f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
+    def f(x):
+        return "" if x is None else f"{x:.3f}"
+
     print("| S | B | gamma | ms/step | AR ms | step/AR | t_draft_step ms | r = draft step/AR "
           "| t_verify ms | verify/AR |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted((r for r in recs if r["mode"] == "sd"), key=lambda r: (r["seq"], r["batch"], r["gamma"])):
         t_ar = ar.get((r["seq"], r["batch"]))
-        ratio = lambda x: x / t_ar if t_ar and x else None  # noqa: E731
+        def ratio(x, t_ar=t_ar):
+            return x / t_ar if t_ar and x else None
         print(f"| {r['seq']} | {r['batch']} | {r['gamma']} | {f(r['ms_per_step'])} | "
               f"{f(t_ar)} | {f(ratio(r['ms_per_step']))} | {f(r.get('t_draft_step_ms'))} | "
               f"{f(ratio(r.get('t_draft_step_ms')))} | {f(r['t_verify_ms'])} | {f(ratio(r['t_verify_ms']))} |")

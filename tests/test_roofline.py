@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from er_sglang import roofline as rl
+from er_sglang import roofline_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 A100 = ROOT / "configs" / "roofline" / "a100_tp1_qwen2.5-7b.json"
@@ -166,7 +167,7 @@ def test_roofline_validate_synthetic_is_exact():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "er_sglang.roofline", *args], check=False, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "er_sglang.roofline_cli", *args], check=False, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -194,7 +195,7 @@ def test_roofline_cli_bad_input_exits_2_with_one_line(args):
 
 
 def test_roofline_cli_boundary(capsys):
-    assert rl.main(["boundary", "--config", str(A100), "--seq", "2048", "--gamma", "7", "--accept-len", "6"]) == 0
+    assert roofline_cli.main(["boundary", "--config", str(A100), "--seq", "2048", "--gamma", "7", "--accept-len", "6"]) == 0
     assert json.loads(capsys.readouterr().out)["boundary_batch"] == 24
 
 
@@ -203,7 +204,7 @@ def test_roofline_cli_fit_writes_config(tmp_path, capsys):
     (tmp_path / "bench.json").write_text(json.dumps({"records": ar + sd}))
     (tmp_path / "shapes.json").write_text(json.dumps({k: getattr(TRUTH, k) for k in rl.SHAPE_KEYS}))
     out = tmp_path / "cfg.json"
-    code = rl.main(["fit", "--ar", str(tmp_path / "bench.json"), "--sd", str(tmp_path / "bench.json"),
+    code = roofline_cli.main(["fit", "--ar", str(tmp_path / "bench.json"), "--sd", str(tmp_path / "bench.json"),
                     "--flops", str(TRUTH.F), "--model-shapes", str(tmp_path / "shapes.json"), "--out", str(out)])
     assert code == 0
     fitted = rl.RooflineParams.from_json(out)
@@ -215,7 +216,7 @@ def test_roofline_cli_fit_writes_config(tmp_path, capsys):
 
 def test_roofline_cli_plot_writes_png(tmp_path):
     out = tmp_path / "speedup.png"
-    assert rl.main(["plot", "--config", str(A100), "--seq", "2048", "--gamma", "7",
+    assert roofline_cli.main(["plot", "--config", str(A100), "--seq", "2048", "--gamma", "7",
                     "--accept-lens", "3,4.5,6", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

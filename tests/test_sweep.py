@@ -14,15 +14,16 @@ GRID = {
                    "train.num_steps": {"value": 3}},
     "command": ["${env}", "er-train", "configs/default.yaml", "${args_no_hyphens}"],
 }
-# Writes two metric lines into the run dir it is given; loss = (x - 2)^2 at the end; x = 3 fails.
+# Writes two metric lines into the run dir it is given: loss (x - 2)^2 + 1, then (x - 2)^2 - 1 (mean
+# (x - 2)^2, std sqrt(2), last (x - 2)^2 - 1); x = 3 fails.
 PROGRAM = """
 import json, os, pathlib, sys
 args = dict(a.split("=", 1) for a in sys.argv[1:])
 x = float(args["x"])
 run_dir = pathlib.Path(os.environ["ER_RUN_DIR"]); run_dir.mkdir(parents=True)
 with open(run_dir / "metrics.jsonl", "w") as f:
-    f.write(json.dumps({"step": 1, "loss": 100.0}) + "\\n")
-    f.write(json.dumps({"step": 2, "loss": (x - 2) ** 2}) + "\\n")
+    f.write(json.dumps({"step": 1, "loss": (x - 2) ** 2 + 1}) + "\\n")
+    f.write(json.dumps({"step": 2, "loss": (x - 2) ** 2 - 1}) + "\\n")
 sys.exit(1 if x == 3 else 0)
 """
 
@@ -92,11 +93,15 @@ def test_sweep_mini_sweep_runs_each_command_and_picks_best(tmp_path, capsys):
     assert rc == 1  # run 3 failed
     result = json.loads((out / "sweep.json").read_text())
     assert [r["exit_code"] for r in result["runs"]] == [0, 0, 0, 1]
-    assert [r["metric"] for r in result["runs"]] == [4.0, 1.0, 0.0, 1.0]  # the last line's value
+    assert [r["metric"] for r in result["runs"]] == [4.0, 1.0, 0.0, 1.0]  # the mean over steps
+    assert [r["metric_last"] for r in result["runs"]] == [3.0, 0.0, -1.0, 0.0]
+    assert result["runs"][0]["metric_std"] == pytest.approx(2 ** 0.5)
     assert [r["overrides"] for r in result["runs"]] == [["x=0"], ["x=1"], ["x=2"], ["x=3"]]
     assert result["runs"][2]["run_dir"] == str(out / "run-2")
     assert result["best"]["index"] == 2 and result["best"]["metric"] == 0.0
-    assert "best: run-2 x=2 (loss = 0.0)" in capsys.readouterr().out
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert "4 of 4 runs" in summary and "best: run-2 x=2 (loss = 0 (mean of 2 steps" in summary
+    assert summary.endswith("within its std: run-1")  # |1 - 0| <= sqrt(2); run-3 failed
 
     sweep["metric"]["goal"] = "maximize"
     sw.main([_write(tmp_path, sweep), "--sweep-dir", str(tmp_path / "out2")])

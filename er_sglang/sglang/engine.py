@@ -161,6 +161,16 @@ class SGLangEngine:
         """
         return self.rpc("checksum")["checksum"]
 
+    def draft_check(self) -> dict:
+        """{"ok", "num_linears", "num_equal"}: the int4 twins against a fresh Marlin pack of the weights."""
+        if self.mode == "no-sd":
+            return {"ok": True, "num_linears": 0, "num_equal": 0}
+        c = self.rpc("draft_check")
+        return {"ok": bool(c["all_equal"]), "num_linears": c["num_linears"], "num_equal": c["num_equal"]}
+
+    def requantize(self) -> float:
+        return float(self.rpc("requantize")["requant_s"]) if self.mode != "no-sd" else 0.0
+
     def sleep(self) -> None:
         self.engine.release_memory_occupation()
 

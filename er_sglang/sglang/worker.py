@@ -30,10 +30,10 @@ from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 from sglang.srt.speculative.spec_utils import get_plan_stream, sample_draft_proposal
 
-from er_sglang.sglang.selfdraft import SelfDrafter
 from er_sglang.sglang.gamma import GammaChooser, build_policy, spec_from_env
 from er_sglang.sglang.graphs import build_states, set_spec_steps
 from er_sglang.sglang.marlin_int4 import draft_mode
+from er_sglang.sglang.selfdraft import SelfDrafter
 from er_sglang.sglang.stats import HostProfiler, StepTimer, WorkerStats
 
 logger = logging.getLogger(__name__)
@@ -44,9 +44,15 @@ class _DraftSide:
     its runner is the target's, so the "draft KV pool" SGLang asks for (disaggregation, HiCache) is the
     target's pool, which is what the draft really reads and writes."""
 
-    graph_memory_usage: dict = {}  # the worker reports its graph states itself
-    graph_time_usage: dict = {}
     weight_load_time = 0.0
+
+    @property
+    def graph_memory_usage(self) -> dict:  # the worker reports its graph states itself
+        return {}
+
+    @property
+    def graph_time_usage(self) -> dict:
+        return {}
 
     def __init__(self, target_worker):
         self._target_worker = target_worker

@@ -71,8 +71,8 @@ def test_requant_in_place_equals_fresh_quantization():
     ptrs = {k: lay.er_int4[k].data_ptr() for k in ("qweight", "scales", "zeros")}
     mi.requant_int4_(lay, w1)
     fresh = mi.marlin_pack(w1)
-    for k in ptrs:
-        assert lay.er_int4[k].data_ptr() == ptrs[k]
+    for k, ptr in ptrs.items():
+        assert lay.er_int4[k].data_ptr() == ptr
         assert torch.equal(lay.er_int4[k], fresh[k])
 
 
