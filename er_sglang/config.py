@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from er_sglang.data import TEMPLATES
+from er_sglang.policy import ARGMAX_GAMMAS
 
 SPEC_MODES = ("no-sd", "rtn", "toggle", "adaptive", "argmax")
 ENGINES = ("reference", "sglang")
@@ -72,7 +73,7 @@ class SpecConfig:
     drafter_backend: str = "auto"
     group_size: int = 128
     bs_max: int | None = None  # GPU: no gamma > 0 graphs above this batch (default: from the roofline)
-    argmax_gammas: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 7])  # argmax's candidates (+ 0)
+    argmax_gammas: list[int] = field(default_factory=lambda: list(ARGMAX_GAMMAS))  # argmax's candidates (+ 0)
     probe_every: int = 256  # argmax: one smallest-gamma probe after this many plain steps (0: never)
 
     def __post_init__(self):

@@ -28,6 +28,7 @@ import numpy as np
 from er_sglang.roofline import COLD_START_ACCEPT_LEN, accept_len_for_gamma, expected_accept_len
 
 MODES = ("no-sd", "rtn", "toggle", "adaptive", "argmax")
+ARGMAX_GAMMAS = (1, 2, 3, 4, 5, 7)  # argmax's default candidates (plus 0)
 ROOFLINE_MODES = ("toggle", "adaptive", "argmax")
 
 
@@ -40,7 +41,7 @@ class SpecPolicy:
                  cold_start_accept_len: dict[int, float] | None = None,
                  hysteresis: float = 0.03, min_dwell_steps: int = 8,
                  prior_alpha: float = 0.9, prior_strength: float = 256.0,
-                 argmax_gammas: Sequence[int] = (1, 2, 3, 4, 5, 7), probe_every: int = 256):
+                 argmax_gammas: Sequence[int] = ARGMAX_GAMMAS, probe_every: int = 256):
         if mode not in MODES:
             raise ValueError(f"spec.mode={mode!r}: allowed {MODES}")
         ladder = tuple(int(g) for g in gamma_ladder)

@@ -52,9 +52,14 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_state(path: Path) -> dict:
+    """A complete checkpoint's state.json: {"step", "data", "policies"}."""
+    return json.loads((Path(path) / "state.json").read_text())
+
+
 def load(path: Path, trainers: list, engines: list) -> dict:
     """Restore trainer shards and engine policies; returns the state dict (step, data)."""
-    state = json.loads((Path(path) / "state.json").read_text())
+    state = read_state(path)
     ray.get([t.load_checkpoint.remote(str(Path(path) / "trainer")) for t in trainers])
     policies = state["policies"]
     if len(policies) != len(engines):

@@ -8,7 +8,6 @@ saved beside it; config.yaml itself always keeps the run's original config.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -52,6 +51,7 @@ def prepare(argv: list[str]) -> Plan:
     """Validate everything that can be validated before anything is written; raises ConfigError or
     another BAD_INPUT exception whose message is one line naming the key or file."""
     from er_sglang.rollout import check_runnable
+    from orchestrator import checkpoint
     from orchestrator.prompts import PromptSource
 
     reject_options(argv, USAGE)
@@ -63,7 +63,7 @@ def prepare(argv: list[str]) -> Plan:
         if saved.is_file():  # the run's own config, then what this command line changes
             plan.cfg = load_config(TrainConfig, argv, base=saved)
             plan.changes = _config_changes(saved, plan.cfg)
-        plan.num_done_steps = _checkpoint_step(resume_from)
+        plan.num_done_steps = int(checkpoint.read_state(resume_from)["step"])
     plan.cfg.run_dir = str(run_dir)  # the saved config names its own directory
     if plan.is_complete:
         return plan
@@ -138,8 +138,9 @@ def _pick_run(cfg) -> tuple[Path, Path | None]:
         run_dir = Path(cfg.run_dir) if cfg.run_dir else _newest_resumable_run()
         if run_dir is not None:
             _check_run_dir(run_dir)
-            if checkpoint.latest(run_dir) is not None:
-                return run_dir, checkpoint.latest(run_dir)
+            ckpt = checkpoint.latest(run_dir)
+            if ckpt is not None:
+                return run_dir, ckpt
             if _holds_run(run_dir):
                 raise ConfigError(f"resume: {run_dir} holds a run without a complete checkpoint (its files are "
                                   f"kept); pass another run_dir, or remove it to start over")
@@ -149,10 +150,6 @@ def _pick_run(cfg) -> tuple[Path, Path | None]:
     if _holds_run(run_dir):
         raise ConfigError(f"run_dir: {run_dir} already holds a run; pass resume=auto or another run_dir")
     return run_dir, None
-
-
-def _checkpoint_step(ckpt: Path) -> int:
-    return int(json.loads((ckpt / "state.json").read_text())["step"])
 
 
 def _check_gpus(cluster) -> None:

@@ -65,8 +65,7 @@ def _step(step: int, cfg, sup: _Supervisor, prompts: PromptSource, tracker: Trac
     rollouts, spec = sup.engines(lambda: generate(engines, prompts.encode(examples), cfg, step))
     draft_checks = [sup.check_acceptance(step, spec)]
     t1 = time.perf_counter()
-    reward = reward_fn(cfg.reward)
-    rewards = [reward(prompts.decode(r.output_ids), examples[r.prompt_index // group].answer) for r in rollouts]
+    rewards = [sup.reward(prompts.decode(r.output_ids), examples[r.prompt_index // group].answer) for r in rollouts]
     batches, _ = make_train_batches(rollouts, rewards, group, len(trainers), prompts.pad_id)
     sup.engines(lambda: ray.get([e.sleep.remote() for e in engines]))
     train_metrics = ray.get([t.train_step.remote(b) for t, b in zip(trainers, batches)])[0]
@@ -97,6 +96,7 @@ class _Supervisor:
     def __init__(self, cfg, run_dir: Path, cluster: Cluster, prompts: PromptSource):
         self.cfg, self.run_dir, self.cluster, self.prompts = cfg, Path(run_dir), cluster, prompts
         self.sync = WeightSync(cluster.trainers, cluster.engines, cfg.sync.verify_every)
+        self.reward = reward_fn(cfg.reward)
         self.faults = planned_faults()
         self.initial_data = prompts.state_dict()
         self.policies = self.initial_policies = ray.get([e.policy_state.remote() for e in cluster.engines])

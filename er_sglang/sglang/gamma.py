@@ -14,9 +14,6 @@ import os
 SPEC_ENV = "ER_SGLANG_SPEC"  # JSON spec config, set by SGLangEngine, read in the scheduler process
 
 
-ARGMAX_GAMMAS = (1, 2, 3, 4, 5, 7)  # SpecPolicy's default argmax candidates
-
-
 def candidate_gammas(mode: str, gamma: int, ladder, argmax_gammas=None) -> list[int]:
     """The gammas a policy of `mode` can return (one CUDA-graph set is built per entry)."""
     if mode == "rtn":
@@ -24,6 +21,8 @@ def candidate_gammas(mode: str, gamma: int, ladder, argmax_gammas=None) -> list[
     if mode == "toggle":
         return [0, int(gamma)]
     if mode == "argmax":
+        from er_sglang.policy import ARGMAX_GAMMAS
+
         return sorted({0, *[int(g) for g in (argmax_gammas or ARGMAX_GAMMAS)]})
     return sorted({0, int(gamma), *[int(g) for g in ladder]})
 
