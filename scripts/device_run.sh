@@ -42,6 +42,14 @@ bench() {  # bench BACKEND
     el "bench $1 rc=$?"; grep -E "^(SD|AR) " "$OUT/bench_$1.log" | cut -c1-260 | tail -n 70
     grep -m8 -E "Error|error|Traceback" "$OUT/bench_$1.log" | cut -c1-300
 }
+profile() {  # profile BACKEND: torch-profiler traces of SD (B x gamma) and plain SGLang, summarized
+    python3 scripts/bench_step.py make --model /tmp/q7 > "$OUT/profile_$1.log" 2>&1
+    timeout "$(left)" python3 scripts/bench_step.py profile --model /tmp/q7 --backend "$1" --trace-dir /tmp/traces \
+        --json "/tmp/res/profile_h200_$1.json" ${PROFILE_ARGS:-} >> "$OUT/profile_$1.log" 2>&1
+    el "profile $1 rc=$?"; grep -E "^PROFILE" "$OUT/profile_$1.log" | cut -c1-400
+    grep -m8 -E "Error|error|Traceback" "$OUT/profile_$1.log" | cut -c1-300
+    (cd /tmp/traces && find . -name "*_b1[-_]*trace.json.gz" -size -7M | head -4 | tar czf "$OUT/traces_$1.tgz" -T -)
+}
 for s in $STEPS; do
     case $s in
         install) timeout 120 python3 -c "import sglang.srt.managers.scheduler; import er_sglang.sglang.worker, \
@@ -51,6 +59,9 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
         modes)  pt modes tests/gpu/test_sglang_modes.py "${MODES_CAP:-}" ;;
         bench)  bench "${BACKEND:-flashinfer}" ;;
         bench_triton) bench triton ;;
+        profile) profile "${BACKEND:-flashinfer}" ;;
+        stage)  mkdir -p /tmp/stage && cp -r .stage/* /tmp/stage/ && el "staged: $(ls /tmp/stage | tr '\n' ' ')" ;;
+        real)   pt real tests/gpu/test_real_model.py "${REAL_CAP:-}" ;;
     esac
 done
 tar czf "$OUT/res.tgz" -C /tmp res

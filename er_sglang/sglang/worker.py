@@ -94,6 +94,8 @@ class SelfSpecWorker(EAGLEWorkerV2):
         self.states: dict = {}
         self._pending: deque[tuple[int, list]] = deque()  # (gamma, reqs) per launched decode step
         self.profiler = HostProfiler.from_env()
+        self._chains: dict = {}  # (gamma, B) -> the chain tree's parents / score index
+        self._zeros = None  # zero top-k fields of _seed
 
     # ---- scheduler lifecycle -------------------------------------------------------------------------
     def alloc_memory_pool(self, memory_pool_config=None, req_to_token_pool=None, token_to_kv_pool_allocator=None):
@@ -152,17 +154,24 @@ class SelfSpecWorker(EAGLEWorkerV2):
         gamma = self.chooser.choose(bs, self._mean_seq(batch))
         start = self.timer.start()
         if gamma == 0:
-            out = self._plain_decode(batch)
+            # The next lengths are known before the forward (one token each): publish them now. SGLang's
+            # FutureMap gates the next step's seq_lens D2H on this event; published after the forward, it
+            # would hold the scheduler until this step's GPU work ends and expose all of the next step's
+            # host work, which plain decoding (no FutureMap wait) overlaps with the GPU.
+            new_seq_lens = batch.seq_lens + 1
+            if on_publish is not None:
+                on_publish(new_seq_lens)
+            out = self._plain_decode(batch, new_seq_lens)
         else:
             draft_tokens, draft_probs = self._draft(batch, gamma)
             out = self._verify(batch, gamma, draft_tokens, draft_probs, grammar_barrier)
+            if on_publish is not None:  # accept lengths exist only now
+                on_publish(out.new_seq_lens)
         self.timer.stop(start, "step", gamma, bs)
-        if on_publish is not None:
-            on_publish(out.new_seq_lens)
         self._pending.append((gamma, list(batch.reqs)))
         return out
 
-    def _plain_decode(self, batch) -> GenerationBatchResult:
+    def _plain_decode(self, batch, new_seq_lens) -> GenerationBatchResult:
         """gamma = 0: the target's decode step over the bonus token, exactly as SGLang decodes without spec."""
         mr = self.target_worker.model_runner
         bs = len(batch.reqs)
@@ -182,7 +191,7 @@ class SelfSpecWorker(EAGLEWorkerV2):
         return GenerationBatchResult(
             logits_output=logits, next_token_ids=next_ids, can_run_cuda_graph=res.can_run_graph,
             speculative_num_draft_tokens=1, next_draft_input=self._seed(next_ids),
-            accept_lens=torch.ones(bs, dtype=torch.int32, device=self.device), new_seq_lens=batch.seq_lens + 1)
+            accept_lens=torch.ones(bs, dtype=torch.int32, device=self.device), new_seq_lens=new_seq_lens)
 
     def _draft(self, batch, gamma: int):
         """gamma single-token int4 forwards on the target's KV pool -> tokens [B, gamma], q [B, gamma, V].
@@ -257,18 +266,25 @@ class SelfSpecWorker(EAGLEWorkerV2):
         return ForwardBatch.init_new(b, self.target_worker.model_runner, return_hidden_states_before_norm=False)
 
     def _chain(self, gamma: int, bs: int):
-        """topk = 1 tree = a chain: parent of draft i is draft i-1 (SGLang's _rebuild_topk1_chain_buffers)."""
-        width = gamma if gamma > 1 else 0
-        parents = torch.arange(-1, width - 1, dtype=torch.long, device=self.device).repeat(bs, 1)
-        return parents, torch.arange(gamma, dtype=torch.long, device=self.device).repeat(bs, 1)
+        """topk = 1 tree = a chain: parent of draft i is draft i-1 (SGLang's _rebuild_topk1_chain_buffers).
+        Built once per (gamma, B): SGLang only reads them."""
+        key = (gamma, bs)
+        if key not in self._chains:
+            width = gamma if gamma > 1 else 0
+            parents = torch.arange(-1, width - 1, dtype=torch.long, device=self.device).repeat(bs, 1)
+            self._chains[key] = parents, torch.arange(gamma, dtype=torch.long, device=self.device).repeat(bs, 1)
+        return self._chains[key]
 
     def _seed(self, bonus_tokens) -> EagleDraftInput:
-        """Next step's input: the bonus token only (zero top-k fields keep SGLang's FutureMap shapes)."""
+        """Next step's input: the bonus token only. The zero top-k fields keep SGLang's FutureMap shapes; they
+        are views of one zero buffer (SGLang indexes and concatenates them, never writes them)."""
         bs = bonus_tokens.shape[0]
-        return EagleDraftInput(bonus_tokens=bonus_tokens.to(torch.int32),
-                               topk_p=torch.zeros((bs, 1), dtype=torch.float32, device=self.device),
-                               topk_index=torch.zeros((bs, 1), dtype=torch.int64, device=self.device),
-                               capture_hidden_mode=CaptureHiddenMode.NULL)
+        if self._zeros is None or self._zeros[0].shape[0] < bs:
+            n = max(bs, 2 * (0 if self._zeros is None else self._zeros[0].shape[0]), 64)
+            self._zeros = (torch.zeros((n, 1), dtype=torch.float32, device=self.device),
+                           torch.zeros((n, 1), dtype=torch.int64, device=self.device))
+        return EagleDraftInput(bonus_tokens=bonus_tokens.to(torch.int32), topk_p=self._zeros[0][:bs],
+                               topk_index=self._zeros[1][:bs], capture_hidden_mode=CaptureHiddenMode.NULL)
 
     def _switch_gamma(self, gamma: int) -> None:
         if gamma != self.speculative_num_steps:

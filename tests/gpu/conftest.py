@@ -5,18 +5,19 @@ import os
 
 import pytest
 
-TINY_DIR = os.environ.get("ER_TINY_DIR", "/tmp/er_tiny_qwen2_hd128")
+TINY_DIR = os.environ.get("ER_TINY_DIR", "/tmp/er_tiny_qwen2_hd128_g4")
 
 
 def make_tiny_qwen2(path: str = TINY_DIR, peak: float = 10.0, seed: int = 0) -> str:
-    """Random 4-layer Qwen2 (hidden 512, head_dim 128 as the prebuilt flashinfer cache; vocab 32000;
-    Marlin-compatible shapes), lm_head scaled by `peak`."""
+    """Random 4-layer Qwen2, lm_head scaled by `peak`; vocab 32000, Marlin-compatible shapes. head_dim 128 and
+    a GQA group of 4 select the flashinfer modules of the prebuilt JIT cache (Qwen2.5-7B's: tensor-core
+    decode from group 4 up); another shape would JIT-compile flashinfer for minutes on the device."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    cfg = Qwen2Config(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=4,
+    cfg = Qwen2Config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
                       num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096,
                       tie_word_embeddings=False, eos_token_id=31999, bos_token_id=0)
     torch.manual_seed(seed)
