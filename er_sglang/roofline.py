@@ -2,12 +2,16 @@
 
 B active sequences, S mean context tokens, gamma drafts per verify step. W bytes, kappa KV bytes per
 token, C_dense FLOPs per token, C_attn FLOPs per token per context token, BW bytes/s, F FLOP/s,
-c_* microseconds per sequence; every time is in seconds unless its name says ms:
+c_* microseconds per sequence, o_* microseconds per step; every time is in seconds unless its name says ms:
 
-    T_T(B,S)   = max((W_t + kappa*B*S)/BW,       (B*C_dense + B*S*C_attn)/F)         + c_T*B*1e-6
-    T_D(B,S)   = max((eta_d*W_d + kappa*B*S)/BW, (B*C_dense + B*S*C_attn)/F)         + c_D*B*1e-6
-    T_V(B,S,g) = max((W_t + kappa*B*S)/BW,       (g+1)*(B*C_dense + B*S*C_attn)/F)   + c_V*B*1e-6
-    L(alpha,g) = (1 - alpha^(g+1)) / (1 - alpha)     speedup(g) = L*T_T / (g*T_D + T_V)
+    T_T(B,S)    = max((W_t + kappa*B*S)/BW,       (B*C_dense + B*S*C_attn)/F)        + c_T*B*1e-6
+    T_D(B,S)    = max((eta_d*W_d + kappa*B*S)/BW, (B*C_dense + B*S*C_attn)/F)        + c_D*B*1e-6
+    T_V(B,S,g)  = max((W_t + kappa*B*S)/BW,       (g+1)*(B*C_dense + B*S*C_attn)/F)  + c_V*B*1e-6 + o_V*1e-6
+    T_SD(B,S,g) = o_D*1e-6 + g*T_D + T_V   (one speculative step: g draft forwards, one verify; g = 0: T_T)
+    L(alpha,g)  = (1 - alpha^(g+1)) / (1 - alpha)     speedup(g) = L*T_T / T_SD
+
+o_D, o_V are the fixed work of a speculative step (draft setup, rejection sampling); the published A100 fit
+has none (0). T_D is ONE draft forward.
 
 Pure (numpy only): no plotting and no CLI here; `python -m er_sglang.roofline_cli` is the command line
 (predict, boundary, plot, validate, fit) over this model.
@@ -16,11 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 PARAM_KEYS = ("BW", "F", "kappa", "eta_d", "c_T", "c_D", "c_V", "W_t", "W_d", "C_dense", "C_attn")
+OVERHEAD_KEYS = ("o_D", "o_V")  # optional in a config file, 0 when absent
 SHAPE_KEYS = ("W_t", "W_d", "C_dense", "C_attn")
 # The paper's cold-start mean accepted length per gamma (before any rollout has been measured).
 COLD_START_ACCEPT_LEN = {3: 3.0, 5: 4.5, 7: 6.0, 9: 7.0, 11: 8.0}
@@ -41,6 +46,8 @@ class RooflineParams:
     W_d: float
     C_dense: float
     C_attn: float
+    o_D: float = 0.0
+    o_V: float = 0.0
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -57,7 +64,9 @@ class RooflineParams:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"roofline config {path}: cannot read ({type(e).__name__}: {e})") from None
         values = {}
-        for key in PARAM_KEYS:
+        for key in PARAM_KEYS + OVERHEAD_KEYS:
+            if key in OVERHEAD_KEYS and isinstance(raw, dict) and key not in raw:
+                continue
             if not isinstance(raw, dict) or key not in raw:
                 raise ValueError(f"roofline config {path}: missing key '{key}'")
             try:
@@ -140,24 +149,29 @@ class Roofline:
         return self._step(self.p.eta_d * self.p.W_d, B, S, 1, self.p.c_D)
 
     def t_verify(self, B, S, gamma: int):
-        """T_V [s] = max((W_t + kappa*B*S)/BW, (g+1)*(B*C_dense + B*S*C_attn)/F) + c_V*B*1e-6."""
-        return self._step(self.p.W_t, B, S, gamma + 1, self.p.c_V)
+        """T_V [s] = max((W_t + kappa*B*S)/BW, (g+1)*(B*C_dense + B*S*C_attn)/F) + c_V*B*1e-6 + o_V*1e-6."""
+        return _out(np.asarray(self._step(self.p.W_t, B, S, gamma + 1, self.p.c_V)) + self.p.o_V * 1e-6)
+
+    def t_sd_step(self, B, S, gamma: int):
+        """T_SD [s], one decode step at gamma = o_D*1e-6 + g*T_D + T_V; gamma = 0 is the plain step T_T."""
+        if gamma == 0:
+            return self.t_target(B, S)
+        return _out(self.p.o_D * 1e-6 + gamma * np.asarray(self.t_draft(B, S)) + self.t_verify(B, S, gamma))
 
     def speedup(self, B, S, gamma: int, accept_len: float):
-        """speedup = L*T_T / (g*T_D + T_V) (dimensionless); gamma = 0 is plain decoding, 1.0."""
+        """speedup = L*T_T / T_SD (dimensionless); gamma = 0 is plain decoding, 1.0."""
         _check_point(B, S, gamma, accept_len)
         if gamma == 0:
             return _out(np.ones(np.broadcast(np.asarray(B), np.asarray(S)).shape))
-        sd_s = gamma * np.asarray(self.t_draft(B, S)) + self.t_verify(B, S, gamma)
-        return _out(accept_len * np.asarray(self.t_target(B, S)) / sd_s)
+        return _out(accept_len * np.asarray(self.t_target(B, S)) / self.t_sd_step(B, S, gamma))
 
     def tokens_per_s(self, B, S, gamma: int, accept_len: float):
-        """Tokens/s: B/T_T for gamma = 0, else B*L/(g*T_D + T_V)."""
+        """Tokens/s: B/T_T for gamma = 0, else B*L/T_SD."""
         _check_point(B, S, gamma, accept_len)
         B = np.asarray(B, dtype=float)
         if gamma == 0:
             return _out(B / self.t_target(B, S))
-        return _out(B * accept_len / (gamma * np.asarray(self.t_draft(B, S)) + self.t_verify(B, S, gamma)))
+        return _out(B * accept_len / self.t_sd_step(B, S, gamma))
 
     def predict(self, B, S, gamma: int, accept_len: float) -> dict:
         """All model outputs at one point: step times [s], speedup, AR and SD tokens/s."""
@@ -165,6 +179,7 @@ class Roofline:
             "batch": B, "seq": S, "gamma": gamma, "accept_len": accept_len,
             "speedup": self.speedup(B, S, gamma, accept_len),
             "T_T_s": self.t_target(B, S), "T_D_s": self.t_draft(B, S), "T_V_s": self.t_verify(B, S, gamma),
+            "T_SD_s": self.t_sd_step(B, S, gamma),
             "tokens_per_s_ar": self.tokens_per_s(B, S, 0, 1.0),
             "tokens_per_s_sd": self.tokens_per_s(B, S, gamma, accept_len),
         }
@@ -282,26 +297,33 @@ def _nelder_mead(f, x0, step, iters: int = 600, ftol: float = 1e-16):
     return simplex[np.argmin(fvals)]
 
 
-def fit_stage1(ar_records, F, W_t, C_dense, C_attn):
+def fit_stage1(ar_records, F, W_t, C_dense, C_attn, kappa=None):
     """(BW [B/s], kappa [B/token], c_T [us/seq]) from AR steps {batch, seq, ms_per_step}, log-MSE.
 
     Start: on memory-bound points t = W_t*(1/BW) + B*S*(kappa/BW) + B*(c_T*1e-6) is linear; solve it
     by relative least squares, drop points the estimate calls compute-bound, repeat; then refine
-    x = (log BW, log kappa, c_T) on the full max() model with Nelder-Mead.
+    x = (log BW, log kappa, c_T) on the full max() model with Nelder-Mead. A given `kappa` is held fixed
+    (needed when all records share one S: kappa*S/BW and c_T are then the same slope in B).
     """
     B, S, ms = _columns(ar_records, ("batch", "seq", "ms_per_step"), "AR records")
     t, compute_s = ms * 1e-3, (B * C_dense + B * S * C_attn) / F
-    A = np.column_stack([np.full_like(B, W_t), B * S, B])
-    inv_bw, k_over_bw, c = _fit_memory_branch(A, t, lambda x: x[0] * W_t + x[1] * B * S >= compute_s)
-    inv_bw, k_over_bw = max(inv_bw, 1e-16), max(k_over_bw, 1e-22)
-    x0 = np.array([math.log(1.0 / inv_bw), math.log(k_over_bw / inv_bw), c * 1e6])
+    if kappa is not None:  # fold the fixed KV term into the weight column: t = (W_t + kappa*B*S)/BW + B*c_T
+        A = np.column_stack([W_t + kappa * B * S, B])
+        inv_bw, c = _fit_memory_branch(A, t, lambda x: x[0] * (W_t + kappa * B * S) >= compute_s)
+        x0 = np.array([math.log(1.0 / max(inv_bw, 1e-16)), math.log(kappa), c * 1e6])
+    else:
+        A = np.column_stack([np.full_like(B, W_t), B * S, B])
+        inv_bw, k_over_bw, c = _fit_memory_branch(A, t, lambda x: x[0] * W_t + x[1] * B * S >= compute_s)
+        inv_bw, k_over_bw = max(inv_bw, 1e-16), max(k_over_bw, 1e-22)
+        x0 = np.array([math.log(1.0 / inv_bw), math.log(k_over_bw / inv_bw), c * 1e6])
 
     def loss(x):
-        pred = np.maximum((W_t + math.exp(x[1]) * B * S) / math.exp(x[0]), compute_s) + x[2] * B * 1e-6
+        log_kappa = x[1] if kappa is None else math.log(kappa)
+        pred = np.maximum((W_t + math.exp(log_kappa) * B * S) / math.exp(x[0]), compute_s) + x[2] * B * 1e-6
         return _log_mse(pred, t)
 
-    x = _nelder_mead(loss, x0, step=[0.05, 0.1, max(1.0, abs(x0[2]) * 0.1)])
-    return float(math.exp(x[0])), float(math.exp(x[1])), float(x[2])
+    x = _nelder_mead(loss, x0, step=[0.05, 0.1 if kappa is None else 0.0, max(1.0, abs(x0[2]) * 0.1)])
+    return float(math.exp(x[0])), float(math.exp(x[1]) if kappa is None else kappa), float(x[2])
 
 
 def _draft_step_records(sd_records):
@@ -312,35 +334,75 @@ def _draft_step_records(sd_records):
             for r in sd_records]
 
 
-def fit_stage2(sd_records, params: RooflineParams):
-    """(eta_d, c_D [us/seq], c_V [us/seq]) from SD steps {batch, seq, gamma, t_draft_ms, t_verify_ms}.
+def _wlstsq(A, y, t):
+    """argmin_x sum(((A x - y)/t)^2): least squares relative to the measured times t."""
+    return np.linalg.lstsq(A / t[:, None], y / t, rcond=None)[0]
 
-    t_draft_ms is one draft step (see _draft_step_records). BW, kappa, F and the shapes come from `params` (stage 1). c_V is
-    additive: c_V*B*1e-6 = T_V - max(...). On memory-bound draft points
-    t_D - kappa*B*S/BW = eta_d*(W_d/BW) + B*(c_D*1e-6). Both start from relative least squares and are
-    refined on log-MSE with Nelder-Mead.
+
+def _fit_verify(B, S, g, tv, p: RooflineParams, refine: bool = True):
+    """(c_V, o_V) [us] and the log-MSE: T_V - max(...) = c_V*B*1e-6 + o_V*1e-6 is linear; relative least
+    squares, refined on log-MSE. o_V is held at 0 when all points share one B (it is then c_V*B)."""
+    work = B * p.C_dense + B * S * p.C_attn
+    roof_v = np.maximum((p.W_t + p.kappa * B * S) / p.BW, (g + 1) * work / p.F)
+    cols = [B * 1e-6] + ([np.full_like(B, 1e-6)] if len(set(B)) > 1 else [])
+    A = np.column_stack(cols)
+    x = _wlstsq(A, tv - roof_v, tv)
+    if refine:
+        x = _nelder_mead(lambda x: _log_mse(roof_v + A @ x, tv), x, step=np.maximum(1.0, np.abs(x) * 0.1))
+    return float(x[0]), float(x[1]) if len(x) > 1 else 0.0, _log_mse(roof_v + A @ x, tv)
+
+
+def fit_stage2(sd_records, params: RooflineParams) -> dict:
+    """{eta_d, c_D, o_D, c_V, o_V} from SD steps {batch, seq, gamma, t_draft_ms, t_verify_ms}, log-MSE.
+
+    t_draft_ms is one draft forward (see _draft_step_records), so a step's draft work is g*t_draft_ms.
+    BW, kappa, F and the shapes come from `params` (stage 1). On memory-bound draft points
+    g*(t_D - kappa*B*S/BW) + ... is linear: g*t_D - g*kv = eta_d*g*W_d/BW + c_D*g*B*1e-6 + o_D*1e-6; solved by
+    relative least squares, then refined on log-MSE with Nelder-Mead. o_D is held at 0 with one gamma.
+    The verify part is _fit_verify.
     """
     B, S, g, td_ms, tv_ms = _columns(
         _draft_step_records(sd_records), ("batch", "seq", "gamma", "t_draft_ms", "t_verify_ms"), "SD records")
-    p, td, tv = params, td_ms * 1e-3, tv_ms * 1e-3
+    p, draft_s, tv = params, g * td_ms * 1e-3, tv_ms * 1e-3
     work = B * p.C_dense + B * S * p.C_attn
     kv_s = p.kappa * B * S / p.BW
-    A = np.column_stack([np.full_like(B, p.W_d / p.BW), B * 1e-6])
-    eta_d, c_d = _fit_memory_branch(A, td - kv_s, lambda x: x[0] * p.W_d / p.BW + kv_s >= work / p.F)
-    x0 = np.array([math.log(max(eta_d, 1e-3)), c_d])
+    with_o_d = len(set(g)) > 1
+    A = np.column_stack([g * p.W_d / p.BW, g * B * 1e-6] + ([np.full_like(B, 1e-6)] if with_o_d else []))
+    x0 = _fit_memory_branch(A, draft_s - g * kv_s, lambda x: x[0] * p.W_d / p.BW + kv_s >= work / p.F)
+    x0 = np.array([math.log(max(x0[0], 1e-3)), *x0[1:]])
 
-    def loss_d(x):
-        return _log_mse(np.maximum(math.exp(x[0]) * p.W_d / p.BW + kv_s, work / p.F) + x[1] * B * 1e-6, td)
+    def pred_d(x):
+        o_d = x[2] if with_o_d else 0.0
+        return o_d * 1e-6 + g * (np.maximum(math.exp(x[0]) * p.W_d / p.BW + kv_s, work / p.F) + x[1] * B * 1e-6)
 
-    xd = _nelder_mead(loss_d, x0, step=[0.05, max(1.0, abs(c_d) * 0.1)])
-    roof_v = np.maximum(p.W_t / p.BW + kv_s, (g + 1) * work / p.F)
-    c_v = _rel_lstsq((B * 1e-6)[:, None], tv - roof_v)[0]
-    xv = _nelder_mead(lambda x: _log_mse(roof_v + x[0] * B * 1e-6, tv), [c_v], step=[max(1.0, abs(c_v) * 0.1)])
-    return float(math.exp(xd[0])), float(xd[1]), float(xv[0])
+    xd = _nelder_mead(lambda x: _log_mse(pred_d(x), draft_s), x0,
+                      step=np.array([0.05, *np.maximum(1.0, np.abs(x0[1:]) * 0.1)]))
+    c_v, o_v, _ = _fit_verify(B, S, g, tv, p)
+    return {"eta_d": float(math.exp(xd[0])), "c_D": float(xd[1]), "o_D": float(xd[2]) if with_o_d else 0.0,
+            "c_V": c_v, "o_V": o_v}
+
+
+def fit_flops(sd_records, params: RooflineParams, lo: float = 1e12, hi: float = 1e17) -> float:
+    """F [FLOP/s] that best explains the verify timings (log-MSE, (c_V, o_V) re-solved per F): for records
+    without a GEMM measurement. Log grid, then golden section; on a flat loss (no point compute-bound)
+    the largest F of the flat part, i.e. no compute bound is claimed beyond the data."""
+    B, S, g, tv_ms = _columns(sd_records, ("batch", "seq", "gamma", "t_verify_ms"), "SD records")
+
+    def loss(log_f):
+        return _fit_verify(B, S, g, tv_ms * 1e-3, replace(params, F=math.exp(log_f)), refine=False)[2]
+
+    grid = np.linspace(math.log(lo), math.log(hi), 121)
+    losses = np.array([loss(x) for x in grid])
+    i = int(np.nonzero(losses <= losses.min() * (1 + 1e-9) + 1e-15)[0][-1])
+    a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    for _ in range(60):  # golden section on [a, b]
+        m1, m2 = b - 0.618 * (b - a), a + 0.618 * (b - a)
+        a, b = (a, m2) if loss(m1) < loss(m2) else (m1, b)
+    return float(math.exp(0.5 * (a + b)))
 
 
 def validate(params: RooflineParams, ar_records, sd_records, accept_len) -> dict:
-    """MAPE [%] of T_T, T_D, T_V and toggle sign accuracy [0..1].
+    """MAPE [%] of T_T, T_D (per forward, o_D spread over the g forwards), T_V and toggle sign accuracy [0..1].
 
     Sign accuracy: over SD points (B,S,g) whose (B,S) also has an AR timing, the fraction where
     (predicted speedup > 1) == (measured speedup > 1), measured = L*T_T/(g*T_D + T_V) from timings
@@ -366,7 +428,7 @@ def validate(params: RooflineParams, ar_records, sd_records, accept_len) -> dict
 
     return {
         "t_target_mape": mape(model.t_target(B, S), ms),
-        "t_draft_mape": mape(model.t_draft(sB, sS), td),
+        "t_draft_mape": mape(np.asarray(model.t_draft(sB, sS)) + params.o_D * 1e-6 / sg, td),
         "t_verify_mape": mape(t_v_pred, tv),
         "toggle_sign_accuracy": float(np.mean(hits)) if hits else None,
         "num_sign_points": len(hits),

@@ -9,6 +9,10 @@ matplotlib is imported by `plot` only.
     validate --config C --ar AR.json --sd SD.json [--accept-len 6 | 3:3,7:6,11:8]
     fit      --ar AR.json --sd SD.json --flops F --model-shapes {HF config.json | {W_t,W_d,C_dense,C_attn}}
              --out cfg.json [--gpu NAME --model NAME --accept-len ...]
+    bstar    --config C --seq S [--alphas 0.6,0.8,0.9 --gammas 1,2,3,4,5,7 --threshold 1 --max-batch 1024 --markdown]
+    speedup-map --config C --seq S [--alphas ... --gammas ... --batches 1,2,...,128 --records R.json --markdown]
+bstar: B*(gamma, alpha), the largest B where speculation pays (speedup > threshold at L(alpha, gamma));
+speedup-map: predicted speedup over B x gamma per alpha, with the measured one where --records has the point.
 Records files are lists or {"records": [...]}; each record is AR or SD by its `mode` ('ar'|'sd'), so
 --ar and --sd may name the same file. --accept-len defaults to the paper's cold-start table per gamma.
 """
@@ -22,10 +26,12 @@ import numpy as np
 
 from er_sglang.roofline import (
     COLD_START_ACCEPT_LEN,
+    OVERHEAD_KEYS,
     PARAM_KEYS,
     SHAPE_KEYS,
     Roofline,
     RooflineParams,
+    expected_accept_len,
     fit_stage1,
     fit_stage2,
     load_records,
@@ -42,6 +48,20 @@ def _parse_accept_len(text: str):
         return {int(k): float(v) for k, v in (item.split(":") for item in text.split(","))}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'gamma:L,...', got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _shapes_from_file(path) -> dict:
@@ -62,12 +82,13 @@ def _cmd_fit(args) -> dict:
     BW, kappa, c_T = fit_stage1(ar, args.flops, shapes["W_t"], shapes["C_dense"], shapes["C_attn"])
     params = RooflineParams(BW=BW, F=args.flops, kappa=kappa, eta_d=1.0, c_T=c_T, c_D=0.0, c_V=0.0,
                             **{k: shapes[k] for k in SHAPE_KEYS})
-    params.eta_d, params.c_D, params.c_V = fit_stage2(sd, params)
+    for key, value in fit_stage2(sd, params).items():
+        setattr(params, key, value)
     report = validate(params, ar, sd, args.accept_len)
     params.meta = {"gpu": args.gpu, "model": args.model, "source": f"fit of {args.ar} + {args.sd}",
                    "accept_len": args.accept_len, "validation": report}
     params.to_json(args.out)
-    return {"out": args.out, **{k: getattr(params, k) for k in PARAM_KEYS}, **report}
+    return {"out": args.out, **{k: getattr(params, k) for k in PARAM_KEYS + OVERHEAD_KEYS}, **report}
 
 
 def _cmd_plot(args) -> dict:
@@ -91,11 +112,64 @@ def _cmd_plot(args) -> dict:
     return {"out": args.out}
 
 
+def bstar_table(model: Roofline, seq: float, gammas, alphas, threshold: float = 1.0, max_batch: int = 1024) -> dict:
+    """{alpha: {gamma: B*}}: B* = the largest B in [1, max_batch] with speedup(B, S, g, L(alpha, g)) > threshold,
+    None where it pays at no B."""
+    batches, table = np.arange(1, max_batch + 1), {}
+    for a in alphas:
+        table[a] = {}
+        for g in gammas:
+            pays = np.nonzero(np.asarray(model.speedup(batches, seq, g, expected_accept_len(a, g))) > threshold)[0]
+            table[a][g] = int(batches[pays[-1]]) if pays.size else None
+    return table
+
+
+def speedup_map(model: Roofline, seq: float, batches, gammas, alphas, records=None) -> dict:
+    """{alpha: {B: {gamma: (predicted, measured | None)}}}; measured = L * T_T,meas / T_step,meas from the
+    records (a bench_step JSON) at this S."""
+    from er_sglang.calibrate import point_rows
+
+    ratio = {}
+    if records:
+        ar, sd = load_records(records)
+        ratio = {(r["B"], r["g"]): r["ratio"] for r in point_rows(model.p, ar, sd)[1] if r["S"] == seq}
+    return {a: {b: {g: (float(model.speedup(b, seq, g, expected_accept_len(a, g))),
+                        None if ratio.get((b, g)) is None else expected_accept_len(a, g) * ratio[(b, g)])
+                    for g in gammas} for b in batches} for a in alphas}
+
+
+def _markdown(args, result: dict) -> str:
+    """The bstar / speedup-map result as markdown tables (docs/benchmarks.md)."""
+    if args.cmd == "bstar":
+        head = "| γ \\ α | " + " | ".join(f"{a:g}" for a in args.alphas) + " |"
+        lines = [head, "|---" * (len(args.alphas) + 1) + "|"]
+        for g in args.gammas:
+            cells = [result[a][g] for a in args.alphas]
+            lines.append(f"| {g} | " + " | ".join("never" if b is None else f"≥ {b}" if b == args.max_batch
+                                                   else str(b) for b in cells) + " |")
+        return "\n".join(lines)
+    blocks = []
+    for a in args.alphas:
+        lines = [f"α = {a:g} (S = {args.seq:g}): predicted speedup" + (", measured in ()" if args.records else ""),
+                 "", "| B \\ γ | " + " | ".join(str(g) for g in args.gammas) + " |", "|---" * (len(args.gammas) + 1) + "|"]
+        for b in args.batches:
+            cells = [result[a][b][g] for g in args.gammas]
+            lines.append(f"| {b} | " + " | ".join(f"{p:.2f}" + ("" if m is None else f" ({m:.2f})") for p, m in cells)
+                         + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def _run(args) -> dict:
     if args.cmd == "fit":
         return _cmd_fit(args)
     if args.cmd == "plot":
         return _cmd_plot(args)
+    if args.cmd in ("bstar", "speedup-map"):
+        model = Roofline(RooflineParams.from_json(args.config))
+        if args.cmd == "bstar":
+            return bstar_table(model, args.seq, args.gammas, args.alphas, args.threshold, args.max_batch)
+        return speedup_map(model, args.seq, args.batches, args.gammas, args.alphas, args.records)
     params = RooflineParams.from_json(args.config)
     if args.cmd == "validate":
         return validate(params, *load_records(args.ar, args.sd), args.accept_len)
@@ -116,9 +190,19 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m er_sglang.roofline_cli", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    cmds = {name: sub.add_parser(name) for name in ("predict", "boundary", "plot", "validate", "fit")}
-    for name in ("predict", "boundary", "plot", "validate"):
+    cmds = {name: sub.add_parser(name) for name in ("predict", "boundary", "plot", "validate", "fit", "bstar",
+                                                      "speedup-map")}
+    for name in ("predict", "boundary", "plot", "validate", "bstar", "speedup-map"):
         cmds[name].add_argument("--config", required=True, help="roofline JSON (configs/roofline/*.json)")
+    for name in ("bstar", "speedup-map"):
+        cmds[name].add_argument("--seq", type=float, required=True, help="mean context tokens S")
+        cmds[name].add_argument("--alphas", type=_floats, default=[0.6, 0.8, 0.9], help="per-token acceptance")
+        cmds[name].add_argument("--gammas", type=_ints, default=[1, 2, 3, 4, 5, 7])
+        cmds[name].add_argument("--markdown", action="store_true", help="markdown tables instead of one JSON line")
+    cmds["bstar"].add_argument("--threshold", type=float, default=1.0, help="speculation pays above this speedup")
+    cmds["bstar"].add_argument("--max-batch", type=int, default=1024)
+    cmds["speedup-map"].add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16, 32, 64, 128])
+    cmds["speedup-map"].add_argument("--records", help="bench_step JSON: measured speedups where it has the point")
     for name in ("predict", "boundary", "plot"):
         cmds[name].add_argument("--seq", type=float, required=True, help="mean context tokens S")
         cmds[name].add_argument("--gamma", type=int, required=True, help="draft length")
@@ -145,6 +229,11 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json_keys(x):
+    """JSON objects need string keys: {0.8: {3: 12}} -> {"0.8": {"3": 12}}."""
+    return {str(k): _json_keys(v) for k, v in x.items()} if isinstance(x, dict) else x
+
+
 def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
     try:
@@ -152,7 +241,10 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
-    print(json.dumps(result, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
+    if getattr(args, "markdown", False):
+        print(_markdown(args, result))
+        return 0
+    print(json.dumps(_json_keys(result), default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
     return 0
 
 

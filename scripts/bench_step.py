@@ -62,13 +62,17 @@ class Bench:
     def left(self) -> float:
         return self.args.limit_s - (time.time() - self.t0)
 
+    def points(self) -> list[tuple[int, int]]:
+        """(seq, batch) points in measuring order; er_sglang.calibrate overrides it with its own grid."""
+        return plan(self.args.seqs, self.args.batches, self.args.gammas)
+
     def save(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.args.json)), exist_ok=True)
         with open(self.args.json, "w") as f:
             json.dump(self.out, f, indent=1)
 
     def sglang_args(self) -> dict:
-        return {"load_format": "dummy", "max_running_requests": max(self.args.batches),
+        return {"load_format": getattr(self.args, "load_format", "dummy"), "max_running_requests": max(self.args.batches),
                 "attention_backend": self.args.backend,
                 "cuda_graph_bs_decode": self.args.batches, "mem_fraction_static": 0.7,
                 "disable_prefill_cuda_graph": True, "context_length": max(self.args.seqs) + 512,
@@ -107,7 +111,7 @@ class Bench:
                                   "requant_s": [eng.rpc("requantize")["requant_s"] for _ in range(3)]}
         self.save()
         try:
-            for s, b in plan(self.args.seqs, self.args.batches, self.args.gammas):
+            for s, b in self.points():
                 if self.left() < 20 + self.args.ar_reserve_s:
                     break
                 if not self.fits(eng, s, b, 8 * 12 + 8):
@@ -148,7 +152,7 @@ class Bench:
         self.out["meta"]["max_total_num_tokens"]["no-sd"] = eng.engine.get_server_info().get("max_total_num_tokens")
         n = 32
         try:
-            for s, b in plan(self.args.seqs, self.args.batches, self.args.gammas):
+            for s, b in self.points():
                 if self.left() < 20:
                     break
                 if not self.fits(eng, s, b, n + 8):

@@ -28,14 +28,16 @@ def _synthetic(params, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256), seqs=(256, 10
     model = rl.Roofline(params)
     ar = [{"mode": "ar", "gamma": 0, "batch": b, "seq": s, "ms_per_step": model.t_target(b, s) * 1e3}
           for b in batches for s in seqs]
-    sd = [{"mode": "sd", "gamma": g, "batch": b, "seq": s, "t_draft_ms": model.t_draft(b, s) * 1e3,
+    sd = [{"mode": "sd", "gamma": g, "batch": b, "seq": s,  # one forward, the step's o_D spread over g of them
+           "t_draft_ms": (model.t_draft(b, s) + params.o_D * 1e-6 / g) * 1e3,
            "t_verify_ms": model.t_verify(b, s, g) * 1e3} for b in batches for s in seqs for g in gammas]
     return ar, sd
 
 
-# Truth for the fit tests: unlike the A100 fit, and with F low enough that large batches are compute-bound.
+# Truth for the fit tests: unlike the A100 fit, with F low enough that large batches are compute-bound,
+# and with per-step overheads o_D, o_V (the A100 fit has none).
 TRUTH = replace(rl.RooflineParams.from_json(A100), BW=2.1e12, F=6.0e13, kappa=41000.0, eta_d=1.21,
-                c_T=25.0, c_D=55.0, c_V=130.0)
+                c_T=25.0, c_D=55.0, c_V=130.0, o_D=800.0, o_V=1500.0)
 
 
 def test_roofline_target_time_golden(a100):
@@ -150,11 +152,10 @@ def test_roofline_fit_stage1_recovers_params():
 
 def test_roofline_fit_stage2_recovers_params():
     _, sd = _synthetic(TRUTH)
-    start = replace(TRUTH, eta_d=1.0, c_D=0.0, c_V=0.0)
-    eta_d, c_D, c_V = rl.fit_stage2(sd, start)
-    assert eta_d == pytest.approx(TRUTH.eta_d, rel=0.02)
-    assert c_D == pytest.approx(TRUTH.c_D, rel=0.02)
-    assert c_V == pytest.approx(TRUTH.c_V, rel=0.02)
+    start = replace(TRUTH, eta_d=1.0, c_D=0.0, c_V=0.0, o_D=0.0, o_V=0.0)
+    fit = rl.fit_stage2(sd, start)
+    for key in ("eta_d", "c_D", "c_V", "o_D", "o_V"):
+        assert fit[key] == pytest.approx(getattr(TRUTH, key), rel=0.02), key
 
 
 def test_roofline_validate_synthetic_is_exact():
@@ -208,7 +209,7 @@ def test_roofline_cli_fit_writes_config(tmp_path, capsys):
                     "--flops", str(TRUTH.F), "--model-shapes", str(tmp_path / "shapes.json"), "--out", str(out)])
     assert code == 0
     fitted = rl.RooflineParams.from_json(out)
-    for key in ("BW", "kappa", "c_T", "eta_d", "c_D", "c_V"):
+    for key in ("BW", "kappa", "c_T", "eta_d", "c_D", "c_V", "o_D", "o_V"):
         assert getattr(fitted, key) == pytest.approx(getattr(TRUTH, key), rel=0.02), key
     assert fitted.meta["validation"]["toggle_sign_accuracy"] == 1.0
     assert json.loads(capsys.readouterr().out)["out"] == str(out)
@@ -233,3 +234,58 @@ def test_roofline_records_from_bench_step_use_one_draft_step():
         assert r["t_draft_ms"] == pytest.approx(raw["t_draft_ms"] / raw["gamma"])
     hand = [{"batch": 1, "seq": 512, "gamma": 3, "t_draft_ms": 1.5, "t_verify_ms": 6.0}]
     assert _draft_step_records(hand) == hand  # records without t_draft_step_ms already hold one step
+
+
+def test_roofline_step_overheads_golden(a100):
+    # o_D = 800 us, o_V = 1500 us at B=1, S=2048, gamma=7 (A100 golden T_D 4.59011, T_V 9.60413, T_T 9.49083 ms):
+    # T_V  = 9.60413 + 1.5 = 11.10413 ms;  T_SD = 0.8 + 7*4.59011 + 11.10413 = 44.03490 ms
+    # speedup(L=6) = 6 * 9.49083 / 44.03490 = 1.29318
+    m = rl.Roofline(replace(a100.p, o_D=800.0, o_V=1500.0))
+    assert m.t_verify(1, 2048, 7) * 1e3 == pytest.approx(11.10413, abs=5e-5)
+    assert m.t_sd_step(1, 2048, 7) * 1e3 == pytest.approx(44.03490, abs=5e-5)
+    assert m.speedup(1, 2048, 7, 6.0) == pytest.approx(1.29318, abs=5e-5)
+    assert m.t_sd_step(1, 2048, 0) == m.t_target(1, 2048)  # gamma = 0 is the plain step, no overheads
+
+
+def test_roofline_config_without_overheads_reads_zero():
+    params = rl.RooflineParams.from_json(A100)  # the published fit has no o_D / o_V keys
+    assert (params.o_D, params.o_V) == (0.0, 0.0)
+
+
+def test_roofline_fit_stage1_fixed_kappa_one_seq():
+    """One S: kappa*S/BW and c_T are the same slope in B, so kappa is held at the given value."""
+    ar, _ = _synthetic(TRUTH, batches=(1, 4, 16, 64), seqs=(2048,))
+    BW, kappa, c_T = rl.fit_stage1(ar, TRUTH.F, TRUTH.W_t, TRUTH.C_dense, TRUTH.C_attn, kappa=TRUTH.kappa)
+    assert kappa == TRUTH.kappa
+    assert BW == pytest.approx(TRUTH.BW, rel=1e-3) and c_T == pytest.approx(TRUTH.c_T, rel=1e-3)
+
+
+def test_roofline_fit_flops_recovers_F_from_verify():
+    _, sd = _synthetic(TRUTH)
+    assert rl.fit_flops(sd, replace(TRUTH, F=1e17, c_V=0.0, o_V=0.0)) == pytest.approx(TRUTH.F, rel=0.01)
+
+
+def test_roofline_cli_bstar_is_last_paying_batch(a100):
+    # L = 6 at gamma = 7 <=> alpha = 0.91578; threshold 1.05: speedup(23) >= 1.05 > speedup(24) (boundary golden)
+    alpha = rl.alpha_from_accept_len(6.0, 7)
+    assert roofline_cli.bstar_table(a100, 2048, [7], [alpha, 0.0], threshold=1.05) == {alpha: {7: 23}, 0.0: {7: None}}
+
+
+def test_roofline_cli_speedup_map_measured_cell(tmp_path):
+    # measured at alpha = 0.8: L(0.8, 7) * T_T / T_step = 4.16114 * 10 / 30 = 1.38705; predicted 0.94628
+    recs = [{"mode": "ar", "gamma": 0, "batch": 1, "seq": 2048, "ms_per_step": 10.0},
+            {"mode": "sd", "gamma": 7, "batch": 1, "seq": 2048, "ms_per_step": 30.0, "t_draft_step_ms": 3.0,
+             "t_draft_ms": 21.0, "t_verify_ms": 9.0}]
+    (tmp_path / "r.json").write_text(json.dumps({"records": recs}))
+    out = roofline_cli.speedup_map(rl.Roofline(rl.RooflineParams.from_json(A100)), 2048, [1, 2], [7], [0.8],
+                                   str(tmp_path / "r.json"))
+    (pred, meas), (_, missing) = out[0.8][1][7], out[0.8][2][7]
+    assert pred == pytest.approx(0.94628, abs=5e-5) and meas == pytest.approx(1.38705, abs=5e-5)
+    assert missing is None
+
+
+def test_roofline_cli_bstar_markdown(capsys):
+    assert roofline_cli.main(["bstar", "--config", str(A100), "--seq", "2048", "--alphas", "0,0.95",
+                              "--gammas", "3", "--max-batch", "64", "--markdown"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| γ \\ α | 0 | 0.95 |" and lines[2].startswith("| 3 | never | ")
