@@ -49,7 +49,7 @@ def _load(argv: list[str]) -> RolloutJob:
 
 def run(cfg: RolloutJob, progress: bool) -> dict:
     from er_sglang.data import load_dataset
-    from er_sglang.engine import SamplingParams
+    from er_sglang.engine import SamplingParams, request_seeds
     from er_sglang.models import load_tokenizer, resolve_model_path
     from er_sglang.rollout import check_runnable, encode_prompts, make_engine, summarize
 
@@ -58,8 +58,10 @@ def run(cfg: RolloutJob, progress: bool) -> dict:
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
     prompts = encode_prompts(examples, cfg.data.template, tokenizer, cfg.data.samples_per_prompt)
     engine = make_engine(cfg, progress=progress)
+    group = cfg.data.samples_per_prompt
+    seeds = request_seeds(cfg.seed, 0, len(prompts) // group, group)  # step 0: er-train counts from 1
     params = SamplingParams(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                            top_p=cfg.sampling.top_p, seed=cfg.seed)
+                            top_p=cfg.sampling.top_p, seeds=seeds)
     start = time.perf_counter()
     rollouts = engine.generate(prompts, params)
     wall_s = time.perf_counter() - start

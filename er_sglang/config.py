@@ -75,6 +75,7 @@ class SpecConfig:
     bs_max: int | None = None  # GPU: no gamma > 0 graphs above this batch (default: from the roofline)
     argmax_gammas: list[int] = field(default_factory=lambda: list(ARGMAX_GAMMAS))  # argmax's candidates (+ 0)
     probe_every: int = 256  # argmax: one smallest-gamma probe after this many plain steps (0: never)
+    draft_vocab: int = 0  # draft head scores only the K most frequent token ids, q = 0 elsewhere (0: all)
 
     def __post_init__(self):
         _require(self.mode in SPEC_MODES, "spec.mode", f"one of {SPEC_MODES}", self.mode)
@@ -96,6 +97,8 @@ class SpecConfig:
         _require(len(cands) > 0 and all(g > 0 for g in cands) and cands == sorted(set(cands)),
                  "spec.argmax_gammas", "a non-empty increasing list of positive ints", cands)
         _require(self.probe_every >= 0, "spec.probe_every", "an int >= 0", self.probe_every)
+        _require(self.draft_vocab >= 0, "spec.draft_vocab", "an int >= 0 (0 = the full vocabulary)",
+                 self.draft_vocab)
         if self.bs_max is not None:
             _require(self.bs_max >= 0, "spec.bs_max", "an int >= 0 or null", self.bs_max)
         if self.mode in ("toggle", "adaptive", "argmax"):
@@ -150,9 +153,34 @@ class RolloutJob:
         _require(self.engine in ENGINES, "engine", f"one of {ENGINES}", self.engine)
         if self.sglang and self.engine != "sglang":
             raise ConfigError("sglang: only used with engine=sglang; remove it or set engine=sglang")
+        vocab = _known_vocab_size(self.model.path) if self.spec.draft_vocab else None
+        if vocab is not None:  # else the engine checks it once the model is on disk
+            _require(self.spec.draft_vocab <= vocab, "spec.draft_vocab",
+                     f"an int in [0, {vocab}] (0 = the full vocabulary of model.path)", self.spec.draft_vocab)
 
 
 BAD_INPUT = (ConfigError, ValueError, FileNotFoundError)
+
+
+def _known_vocab_size(model_path: str) -> int | None:
+    """vocab_size in config.json of a checkpoint dir or an alias already converted; None if not on disk
+    (validation never converts a model)."""
+    import json
+
+    from er_sglang.models import ALIASES, cache_dir
+
+    path = Path(model_path).expanduser()
+    files = [path / "config.json"]
+    if model_path in ALIASES:
+        converted = f"{model_path}-{ALIASES[model_path].sha256[:12]}*/config.json"  # any dtype's dir
+        files += sorted((cache_dir() / "models").glob(converted))
+    for file in files:
+        if file.is_file():
+            try:
+                return int(json.loads(file.read_text())["vocab_size"])
+            except (ValueError, KeyError, TypeError):
+                return None
+    return None
 
 
 def reject_options(argv: list[str], usage: str) -> None:

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from er_sglang.draft_vocab import SubsetHead
+
 BACKENDS = ("auto", "torchao", "rtn")
 QMAX = 15  # 4-bit codes 0..15
 MID = 8  # tinygemm's zero point sits at code 8: w_hat = (q - 8)·s + zero
@@ -235,7 +237,8 @@ class Drafter:
         state_dict None: every linear from the target's current weights (the caller loaded them).
         state_dict given (HF names, e.g. one weight-update bucket): only the linears whose
         "<name>.weight" is in it, from those tensors. Storages never change, so CUDA graphs captured
-        on them stay valid; biases are the target's own Parameters and need no refresh.
+        on them stay valid; biases are the target's own Parameters and need no refresh. A reduced draft
+        head (spec.draft_vocab: draft_vocab.install_subset_head) re-gathers its K rows of the lm_head too.
         """
         start = time.perf_counter()
         for e in self._entries:
@@ -243,9 +246,23 @@ class Drafter:
                 e.draft.refresh(e.target.weight)
             elif f"{e.name}.weight" in state_dict:
                 e.draft.refresh(state_dict[f"{e.name}.weight"])
+        self._regather_head(state_dict)
         if any(p.is_cuda for p in self.target.parameters()):
             torch.cuda.synchronize()
         return time.perf_counter() - start
+
+    def _regather_head(self, state_dict: dict | None) -> None:
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, SubsetHead):
+            return
+        if state_dict is None:
+            head.regather()
+            return
+        # a tied head is lm_head.weight and model.embed_tokens.weight at once: a bucket may hold either name
+        names = [n for n, t in self.target.state_dict(keep_vars=True).items() if t is head.full.weight]
+        sent = [n for n in names if n in state_dict]
+        if sent:
+            head.regather(weight=state_dict[sent[0]])
 
     @torch.no_grad()
     def check(self) -> dict:
@@ -272,6 +289,7 @@ class Drafter:
         target_numel = sum(e.target.weight.numel() for e in self._entries)
         draft_bytes = sum(t.nbytes for e in self._entries for t in e.draft.packed_tensors())
         cache_bytes = sum(e.draft.w_hat.nbytes for e in self._entries if isinstance(e.draft, RtnInt4Linear))
+        head = self.model.get_output_embeddings()
         target_ptrs = {t.untyped_storage().data_ptr() for t in _tensors(self.target)}
         shared = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(self.model)
                   if t.untyped_storage().data_ptr() in target_ptrs}
@@ -281,6 +299,7 @@ class Drafter:
             "draft_linear_bytes": draft_bytes,
             "draft_cache_bytes": cache_bytes,
             "shared_bytes": sum(shared.values()),
+            "draft_head_bytes": head.weight.nbytes if isinstance(head, SubsetHead) else 0,  # K gathered rows
             "ratio": draft_bytes / target_bytes,
             "ratio_vs_bf16": draft_bytes / (2 * target_numel),
         }

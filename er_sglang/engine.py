@@ -10,6 +10,8 @@ colocated trainer runs, and reports speculative-decoding statistics.
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -24,7 +26,46 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     stop_token_ids: list[int] = field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = None  # one seed for the call: request i gets request_seed(seed, 0, i, 0)
+    seeds: list[int] | None = None  # one seed per prompt (overrides `seed`): request_seed(run, step, p, k)
+
+
+def request_seed(run_seed: int, step: int, prompt_index: int, sample_index: int) -> int:
+    """The sampling seed of one request: the first 8 bytes of sha256("run/step/prompt/sample"), >> 1.
+
+    Unique per (run seed, RL step, prompt in the step's batch, sample in its group) and blind to which
+    engine serves the request, so a rerun with another engine count hands every request the same seed.
+    63 bits: SGLang keeps sampling_seed in an int64 tensor and hashes all 64 bits with the token position
+    (sglang/srt/layers/sampler.py multinomial_with_seed).
+    """
+    key = f"{int(run_seed)}/{int(step)}/{int(prompt_index)}/{int(sample_index)}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+
+def request_seeds(run_seed: int, step: int, num_prompts: int, group: int) -> list[int]:
+    """Seeds of a step's flat batch (prompt p's G samples adjacent): entry p * group + k."""
+    return [request_seed(run_seed, step, i // group, i % group) for i in range(num_prompts * group)]
+
+
+def call_seed(params: SamplingParams, fallback: int) -> int:
+    """One seed for a whole call (engines with one generator per call, e.g. the reference engine):
+    a hash of the per-request seeds, else params.seed, else `fallback`."""
+    if params.seeds is not None:
+        key = ",".join(str(int(s)) for s in params.seeds).encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+    return int(params.seed) if params.seed is not None else int(fallback)
+
+
+def per_request_seeds(params: SamplingParams, num_requests: int) -> list[int] | None:
+    """One seed per request (engines that seed each request, e.g. SGLang): params.seeds, else derived
+    from params.seed; None when neither is set."""
+    if params.seeds is not None:
+        if len(params.seeds) != num_requests:
+            raise ValueError(f"SamplingParams.seeds: {len(params.seeds)} seeds for {num_requests} prompts")
+        return [int(s) for s in params.seeds]
+    if params.seed is None:
+        return None
+    return [request_seed(params.seed, 0, i, 0) for i in range(num_requests)]
 
 
 @dataclass
@@ -58,6 +99,32 @@ class SpecStats:
     accept_len_hist: dict[int, int] = field(default_factory=dict)  # accepted drafts -> count (spec steps)
     gamma_hist: dict[int, int] = field(default_factory=dict)  # gamma -> steps
     requant_s: float = 0.0
+    accept_hist_by_gamma: dict[int, dict[int, int]] = field(default_factory=dict)  # gamma -> accept_len_hist
+    trace: list | None = None  # [t_s, active sequences, gamma, tokens emitted] per step (ER_TRACE_STEPS=1)
+
+    @classmethod
+    def fresh(cls) -> SpecStats:
+        """Empty stats, with a step trace when ER_TRACE_STEPS is set."""
+        return cls(trace=[] if tracing_steps() else None)
+
+    def observe(self, gamma: int, accepted, t: float | None = None) -> None:
+        """One decode step: `accepted[i]` drafts of sequence i were accepted (clamped to gamma)."""
+        acc = [min(int(a), gamma) for a in accepted]
+        rows, total = len(acc), sum(acc)
+        self.num_steps += 1
+        self.num_seq_steps += rows
+        self.num_emitted += total + rows
+        self.gamma_hist[gamma] = self.gamma_hist.get(gamma, 0) + 1
+        if gamma > 0:
+            self.num_spec_steps += 1
+            self.num_drafted += gamma * rows
+            self.num_accepted += total
+            by_gamma = self.accept_hist_by_gamma.setdefault(gamma, {})
+            for a in acc:
+                self.accept_len_hist[a] = self.accept_len_hist.get(a, 0) + 1
+                by_gamma[a] = by_gamma.get(a, 0) + 1
+        if self.trace is not None:
+            self.trace.append([round(time.perf_counter() if t is None else t, 5), rows, gamma, total + rows])
 
     @property
     def accept_rate(self) -> float:
@@ -78,16 +145,30 @@ class SpecStats:
                      "num_seq_steps", "requant_s"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("accept_len_hist", "gamma_hist"):
-            merged = dict(getattr(self, name))
-            for k, v in getattr(other, name).items():
-                merged[k] = merged.get(k, 0) + v
-            setattr(out, name, merged)
+            setattr(out, name, _add_counts(getattr(self, name), getattr(other, name)))
+        out.accept_hist_by_gamma = {g: _add_counts(self.accept_hist_by_gamma.get(g, {}),
+                                                   other.accept_hist_by_gamma.get(g, {}))
+                                    for g in set(self.accept_hist_by_gamma) | set(other.accept_hist_by_gamma)}
+        if self.trace is not None or other.trace is not None:
+            out.trace = (self.trace or []) + (other.trace or [])
         return out
 
     def as_metrics(self) -> dict:
         return {"spec/accept_rate": self.accept_rate, "spec/mean_accept_len": self.mean_accept_len,
                 "spec/on_frac": self.spec_on_frac, "spec/num_drafted": self.num_drafted,
                 "spec/num_accepted": self.num_accepted, "spec/requant_s": self.requant_s}
+
+
+def _add_counts(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+def tracing_steps() -> bool:
+    """ER_TRACE_STEPS=1: engines keep a per-step trace in SpecStats.trace (benchmarks plot the active batch)."""
+    return os.environ.get("ER_TRACE_STEPS", "") not in ("", "0")
 
 
 @runtime_checkable
@@ -101,7 +182,11 @@ class RolloutEngine(Protocol):
         """Load new target weights, then re-quantize the drafter; returns {"load_s", "requant_s"}."""
 
     def weights_checksum(self) -> str:
-        """Checksum of the target's weights, comparable with `state_dict_checksum` of the trainer's."""
+        """Fingerprint of the target's weights (before/after an update; engine-specific, not the trainer's)."""
+
+    def weights_probe(self, shapes: dict[str, list[int]], num_values: int) -> dict:
+        """{HF name: {"dtype", "shape", "values"}}: up to `num_values` values the target holds for each sent
+        tensor (er_sglang/weight_probe.py), so the trainer can check a sync exactly; unknown names left out."""
 
     def draft_check(self) -> dict:
         """{"ok": drafter == a fresh quantization of the target's weights, "num_linears", "num_equal"}."""
@@ -120,6 +205,12 @@ class RolloutEngine(Protocol):
 
     def end_rollout(self) -> None:
         """Tell the spec policy a rollout (one RL step's generation) ended (ladder/toggle state)."""
+
+    def policy_state(self) -> dict | None:
+        """The spec policy's cross-rollout state, JSON-safe (checkpoints, engine restarts); None if none."""
+
+    def load_policy_state(self, state: dict | None) -> None:
+        """Restore `policy_state()`'s output (None: keep the current state)."""
 
 
 def state_dict_checksum(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> str:

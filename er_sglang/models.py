@@ -12,6 +12,7 @@ not in bf16, and bf16 matmuls are ~6x slower than fp32 on the AVX2-only CPUs the
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -119,29 +120,53 @@ def _assemble(alias: str, parts: list[Path], dest: Path, expected: str) -> Path:
 
 
 def _convert(alias: str, src: GgufSource, parts: list[Path], out: Path, dtype: str) -> None:
+    gguf = _assemble(alias, parts, out / "model.gguf", src.sha256)
+    convert_gguf(gguf, out, dtype, {"alias": alias, "gguf_sha256": src.sha256, "packages": list(src.packages)})
+
+
+def convert_gguf(gguf: Path, out: Path, dtype: str, meta: dict, config_json: dict | None = None,
+                 tokenizer: bool = True) -> None:
+    """Dequantize `gguf` into a `dtype` safetensors checkpoint (+ tokenizer) in the existing dir `out`.
+
+    A GGUF inside `out` is deleted once loaded (it was only assembled there); `meta` plus dtype and
+    convert_s go to out/er_source.json. Each parse of the GGUF's metadata costs ~30-45 s on 2 cores for
+    a 151k-token vocabulary: `config_json` (a config.json dict) replaces the config parse and tokenizer=False
+    skips the tokenizer (SGLang runs with skip_tokenizer_init), leaving the one parse the weights need.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    gguf = _assemble(alias, parts, out / "model.gguf", src.sha256)
     kw = {"pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
-    config = AutoConfig.from_pretrained(**kw)
-    tokenizer = AutoTokenizer.from_pretrained(**kw, config=config)
+    if config_json is not None:
+        (out / "config.json").write_text(json.dumps(config_json))  # save_pretrained rewrites it
+    config = AutoConfig.from_pretrained(out) if config_json is not None else AutoConfig.from_pretrained(**kw)
+    tok = AutoTokenizer.from_pretrained(**kw, config=config) if tokenizer else None
     loaded = AutoModelForCausalLM.from_pretrained(**kw, config=config, dtype=torch.float32)
     torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    with _no_init_weights():  # every weight is overwritten next: skip the random init (~30 s for 0.5B)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.tie_weights()  # skipped with the init: SmolLM2 would save a separate lm_head.weight
     model.load_state_dict(loaded.state_dict(), strict=True)
     del loaded
     if gguf.parent == out:
         gguf.unlink()
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    meta = {"alias": alias, "gguf_sha256": src.sha256, "packages": list(src.packages), "dtype": dtype,
-            "convert_s": round(time.perf_counter() - t0, 1)}
+    if tok is not None:
+        tok.save_pretrained(out)
+    meta = {**meta, "dtype": dtype, "convert_s": round(time.perf_counter() - t0, 1)}
     (out / "er_source.json").write_text(json.dumps(meta, indent=1) + "\n")
     for file in out.iterdir():  # mkdtemp / safetensors create owner-only files; a cache is shared
         file.chmod(0o644)
     out.chmod(0o755)
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # another transformers layout: only slower (random init, then overwritten)
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def load_tokenizer(path: str | Path):

@@ -15,8 +15,17 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from er_sglang.engine import Rollout, SamplingParams, SpecStats, state_dict_checksum
-from er_sglang.sampling import logprobs_from_logits, probs_from_logits, sample, verify, verify_greedy
+from er_sglang.draft_vocab import DraftVocab, install_subset_head
+from er_sglang.engine import Rollout, SamplingParams, SpecStats, call_seed, state_dict_checksum
+from er_sglang.sampling import (
+    logprobs_from_logits,
+    probs_from_logits,
+    sample,
+    scatter_probs,
+    verify,
+    verify_greedy,
+)
+from er_sglang.weight_probe import probe_tensor
 
 
 @dataclass
@@ -39,14 +48,17 @@ class _Batch:
 class ReferenceEngine:
     """RolloutEngine on plain PyTorch; every decision the SGLang path makes runs here too."""
 
-    def __init__(self, model, policy, drafter=None, stop_token_ids=(), verify_fn=verify, progress=False):
+    def __init__(self, model, policy, drafter=None, stop_token_ids=(), verify_fn=verify, progress=False,
+                 draft_vocab: DraftVocab | None = None):
         self.model = model.eval()
         self.policy = policy
         self.drafter = drafter
+        self.draft_vocab = draft_vocab if drafter is not None else None  # spec.draft_vocab > 0
+        self._draft_ids = None  # [K] token ids the draft head scores; None = the full vocabulary
         self.stop_token_ids = set(stop_token_ids)
         self.verify_fn = verify_fn
         self.progress = progress
-        self._stats = SpecStats()
+        self._stats = SpecStats.fresh()
         self._calls = 0
         self.is_sleeping = False
         if policy.needs_drafter and drafter is None:
@@ -56,7 +68,7 @@ class ReferenceEngine:
     def from_config(cls, cfg, progress: bool = False) -> ReferenceEngine:
         from transformers import AutoModelForCausalLM
 
-        from er_sglang.models import model_info, resolve_model_path
+        from er_sglang.models import load_tokenizer, model_info, resolve_model_path
         from er_sglang.policy import SpecPolicy
 
         path = resolve_model_path(cfg.model.path)
@@ -67,17 +79,26 @@ class ReferenceEngine:
             from er_sglang.drafter import build_drafter
 
             drafter = build_drafter(model, group_size=cfg.spec.group_size, backend=cfg.spec.drafter_backend)
-        return cls(model, policy, drafter, model_info(path).stop_token_ids, progress=progress)
+        tokenizer = load_tokenizer(path)
+        stops = model_info(path, tokenizer).stop_token_ids
+        draft_vocab = None
+        if drafter is not None and cfg.spec.draft_vocab:  # stop and special tokens are always drafted
+            draft_vocab = DraftVocab(model.get_output_embeddings().weight.shape[0], cfg.spec.draft_vocab,
+                                     set(stops) | set(tokenizer.all_special_ids))
+        return cls(model, policy, drafter, stops, progress=progress, draft_vocab=draft_vocab)
 
     # ---- RolloutEngine -------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
-        seed = params.seed if params.seed is not None else self._calls
+        # one generator per call: the same seeds and the same batch give the same rollouts, bit for bit
+        # (docs/reproducibility.md); another split of the batch across engines samples differently
+        seed = call_seed(params, fallback=self._calls)
         self._calls += 1
         gen = torch.Generator().manual_seed(seed)
         self.policy.begin_rollout(len(prompts))
         stops = self.stop_token_ids | set(params.stop_token_ids)
         rollouts = [Rollout(i, list(p), [], [], "") for i, p in enumerate(prompts)]
+        self._refresh_draft_vocab(prompts)
         batch = self._prefill(rollouts, params, gen, stops)
         bar = _progress_bar(len(prompts)) if self.progress else None
         while batch.rows:
@@ -90,6 +111,8 @@ class ReferenceEngine:
             _maybe_compact(batch)
         if bar is not None:
             bar.close()
+        if self.draft_vocab is not None:
+            self.draft_vocab.observe([r.output_ids for r in rollouts])
         return rollouts
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -100,11 +123,18 @@ class ReferenceEngine:
             self.model.load_state_dict(state_dict, strict=True)
         load_s = time.perf_counter() - t0
         requant_s = self.drafter.requantize() if self.drafter is not None else 0.0
+        if self.draft_vocab is not None:
+            self.draft_vocab.mark_stale()  # new subset at the next generate (head rows re-gathered already)
         self._stats.requant_s += requant_s
         return {"load_s": load_s, "requant_s": requant_s}
 
     def weights_checksum(self) -> str:
         return state_dict_checksum(self.model.state_dict())
+
+    def weights_probe(self, shapes: dict, num_values: int) -> dict:
+        """What the model holds under each sent name (er_sglang/weight_probe.py); names it lacks left out."""
+        held = self.model.state_dict()
+        return {name: probe_tensor(held[name], shape, num_values) for name, shape in shapes.items() if name in held}
 
     def draft_check(self) -> dict:
         """{"ok", "num_linears", "num_equal"}: ok iff the drafter equals a fresh quantization of the target."""
@@ -126,13 +156,29 @@ class ReferenceEngine:
     def stats(self, reset: bool = False) -> SpecStats:
         out = self._stats
         if reset:
-            self._stats = SpecStats()
+            self._stats = SpecStats.fresh()
         return out
 
     def end_rollout(self, num_drafted: int | None = None, num_accepted: int | None = None) -> None:
         self.policy.end_rollout(num_drafted, num_accepted)
 
+    def policy_state(self) -> dict | None:
+        return self.policy.state_dict()
+
+    def load_policy_state(self, state: dict | None) -> None:
+        if state is not None:
+            self.policy.load_state_dict(state)
+
     # ---- decoding --------------------------------------------------------------------------------
+    def _refresh_draft_vocab(self, prompts) -> None:
+        """Count the prompts; rebuild the draft subset on the first call and the first after a weight update."""
+        if self.draft_vocab is None:
+            return
+        self.draft_vocab.observe(prompts)
+        if self.draft_vocab.is_stale:
+            install_subset_head(self.drafter.model, self.draft_vocab.refresh())
+            self._draft_ids = self.draft_vocab.ids
+
     def _prefill(self, rollouts, params, gen, stops) -> _Batch:
         """Left-padded prompt forward; the first token is sampled from the target."""
         lengths = [len(r.prompt_ids) for r in rollouts]
@@ -193,9 +239,12 @@ class ReferenceEngine:
         current = batch.pending
         width = batch.mask.shape[1]
         for i in range(gamma):
-            logits = self._forward(self.drafter.model, batch, current[:, None], offset=i)[:, -1]
+            logits = self._forward(self.drafter.model, batch, current[:, None], offset=i)[:, -1]  # [B, K or V]
             q = probs_from_logits(logits, params.temperature, params.top_p)
             current = sample(q, gen)
+            ids = self._draft_ids
+            if ids is not None:  # subset index -> token id; q over the vocabulary, exactly 0 off the subset
+                current, q = ids[current], scatter_probs(q, ids, self.draft_vocab.vocab_size)
             tokens.append(current)
             probs.append(q)
         batch.cache.crop(-gamma)
@@ -213,19 +262,10 @@ class ReferenceEngine:
         return out.logits.float()
 
     def _account(self, gamma: int, num_accepted: torch.Tensor) -> None:
-        s = self._stats
-        rows = len(num_accepted)
-        s.num_steps += 1
-        s.num_seq_steps += rows
-        s.num_emitted += int(num_accepted.sum()) + rows
-        s.gamma_hist[gamma] = s.gamma_hist.get(gamma, 0) + 1
+        accepted = num_accepted.tolist()
+        self._stats.observe(gamma, accepted)
         if gamma:
-            s.num_spec_steps += 1
-            s.num_drafted += gamma * rows
-            s.num_accepted += int(num_accepted.sum())
-            for n, count in zip(*torch.unique(num_accepted, return_counts=True)):
-                s.accept_len_hist[int(n)] = s.accept_len_hist.get(int(n), 0) + int(count)
-            self.policy.observe(gamma, num_accepted.tolist())
+            self.policy.observe(gamma, accepted)
 
 
 def _emit(rollout: Rollout, tokens: list[int], logprobs: list[float], max_new: int, stops: set[int]) -> None:

@@ -36,6 +36,16 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def scatter_probs(probs: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A distribution over the token subset `ids` [K] (probs [..., K]) as one over the vocabulary [..., V].
+
+    q[..., ids[j]] = probs[..., j] and exactly 0 elsewhere, so `verify`'s residual max(p - q, 0) is p
+    outside the subset: a reduced draft vocabulary stays lossless.
+    """
+    out = probs.new_zeros(*probs.shape[:-1], vocab_size)
+    return out.scatter_(-1, ids.expand_as(probs), probs)
+
+
 def verify(
     draft_tokens: torch.Tensor,
     draft_probs: torch.Tensor,

@@ -125,11 +125,15 @@ class RolloutActor:
     def weights_checksum(self) -> str:
         return self.engine.weights_checksum()
 
-    def sleep(self) -> None:
-        self.engine.sleep()
+    def weights_probe(self, shapes: dict, num_values: int) -> dict:
+        return self.engine.weights_probe(shapes, num_values)
 
-    def wake(self) -> None:
-        self.engine.wake()
+    def sleep(self) -> dict:
+        """The engine's phase metrics (GPU memory awake/asleep, seconds); {} on CPU."""
+        return self.engine.sleep() or {}
+
+    def wake(self) -> dict:
+        return self.engine.wake() or {}
 
     def stats(self, reset: bool = False):
         return self.engine.stats(reset)
@@ -140,12 +144,10 @@ class RolloutActor:
         return self.policy_state()
 
     def policy_state(self) -> dict | None:
-        policy = getattr(self.engine, "policy", None)  # the SGLang engine keeps its policy in the scheduler
-        return policy.state_dict() if policy is not None else None
+        return self.engine.policy_state()  # SGLang's lives in its scheduler process: reached by RPC
 
     def load_policy_state(self, state: dict | None) -> None:
-        if state is not None:
-            self.engine.policy.load_state_dict(state)
+        self.engine.load_policy_state(state)
 
 
 def start_ray(cluster_cfg) -> None:
@@ -253,4 +255,5 @@ def trainer_kwargs_from(cfg) -> dict:
             "mini_batch_size": per_rank_mini, "ppo_epochs": t.ppo_epochs, "use_ref_model": t.use_ref_model,
             "temperature": cfg.sampling.temperature or 1.0, "seed": cfg.seed,
             "device": "cuda" if cfg.cluster.num_gpus else "cpu",
-            "activation_checkpointing": t.activation_checkpointing}
+            "activation_checkpointing": t.activation_checkpointing,
+            "micro_batch_tokens": t.micro_batch_tokens, "logprob_chunk_tokens": t.logprob_chunk_tokens}

@@ -25,6 +25,7 @@ from er_sglang.config import (
     schema_help,
     to_yaml,
 )
+from er_sglang.replay import refuse_in_training
 from orchestrator.config import TrainConfig
 
 USAGE = "usage: er-train [CONFIG.yaml] [key=value ...]   (resume=auto|PATH continues a run)"
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(schema_help(TrainConfig, USAGE))
         return 0
     try:
+        refuse_in_training()
         plan = prepare(argv)
     except BAD_INPUT as exc:
         return report_bad_input(exc)

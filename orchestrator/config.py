@@ -18,6 +18,8 @@ class TrainSection:
     grad_clip: float = 1.0
     mini_batch_size: int = 0  # sequences per optimizer step; 0 = the whole rollout batch
     micro_batch_size: int = 16  # sequences per rank per forward/backward (gradient accumulation)
+    micro_batch_tokens: int = 0  # > 0: micro-batches of <= this many padded tokens (sequences x longest), sorted
+    logprob_chunk_tokens: int = 1024  # positions whose logits [chunk, vocab] exist at once (0 = a micro-batch's)
     ppo_epochs: int = 1
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -33,6 +35,10 @@ class TrainSection:
         _require(self.lr > 0, "train.lr", "a float > 0", self.lr)
         _require(self.mini_batch_size >= 0, "train.mini_batch_size", "an int >= 0", self.mini_batch_size)
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", "an int >= 1", self.micro_batch_size)
+        _require(self.micro_batch_tokens >= 0, "train.micro_batch_tokens", "an int >= 0 (0 = by micro_batch_size)",
+                 self.micro_batch_tokens)
+        _require(self.logprob_chunk_tokens >= 0, "train.logprob_chunk_tokens", "an int >= 0 (0 = no chunks)",
+                 self.logprob_chunk_tokens)
         _require(self.ppo_epochs >= 1, "train.ppo_epochs", "an int >= 1", self.ppo_epochs)
         _require(self.kl_type in KL_TYPES, "train.kl_type", f"one of {KL_TYPES}", self.kl_type)
         _require(self.kl_coef >= 0, "train.kl_coef", "a float >= 0", self.kl_coef)
@@ -100,7 +106,7 @@ class FaultSection:
 
 @dataclass
 class SyncSection:
-    verify_every: int = 5  # compare engine and trainer weight checksums every N syncs (0 = never)
+    verify_every: int = 5  # check every N syncs that engines hold the sent weights exactly (0 = never)
 
     def __post_init__(self):
         _require(self.verify_every >= 0, "sync.verify_every", "an int >= 0", self.verify_every)
@@ -121,5 +127,8 @@ class TrainConfig(RolloutJob):
     def __post_init__(self):
         super().__post_init__()
         _require(self.reward in ("math", "math_lenient"), "reward", "one of ('math', 'math_lenient')", self.reward)
+        budget, longest = self.train.micro_batch_tokens, self.sampling.max_new_tokens + 1  # >= 1 prompt token
+        _require(not budget or budget >= longest, "train.micro_batch_tokens", "0 or at least the longest sequence "
+                 f"(a prompt + sampling.max_new_tokens: > {longest - 1} tokens)", budget)
         if self.resume and self.resume != "auto" and not self.resume.strip():
             raise ConfigError("resume: expected '', 'auto' or a checkpoint directory")

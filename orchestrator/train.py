@@ -17,7 +17,8 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from er_sglang.engine import SamplingParams, SpecStats
+from er_sglang.engine import SamplingParams, SpecStats, request_seeds
+from er_sglang.replay import refuse_in_training
 from orchestrator import checkpoint
 from orchestrator.actors import Cluster, planned_faults, start_ray
 from orchestrator.batch import assign_groups, make_train_batches
@@ -30,6 +31,7 @@ from orchestrator.weight_sync import WeightSync, WeightSyncError, check_drafts
 def train(cfg, run_dir: Path, resume_from: Path | None, prompts: PromptSource) -> int:
     """Run GRPO until train.num_steps; returns the exit code (0; 130 after Ctrl-C; 1 after a fault it
     could not absorb)."""
+    refuse_in_training()  # also when train() is called without the CLI
     start_ray(cfg.cluster)
     sup = _Supervisor(cfg, run_dir, Cluster(cfg), prompts)
     step = sup.restore(resume_from) if resume_from is not None else 0
@@ -67,9 +69,10 @@ def _step(step: int, cfg, sup: _Supervisor, prompts: PromptSource, tracker: Trac
     t1 = time.perf_counter()
     rewards = [sup.reward(prompts.decode(r.output_ids), examples[r.prompt_index // group].answer) for r in rollouts]
     batches, _ = make_train_batches(rollouts, rewards, group, len(trainers), prompts.pad_id)
-    sup.engines(lambda: ray.get([e.sleep.remote() for e in engines]))
+    slept = sup.engines(lambda: ray.get([e.sleep.remote() for e in engines]))
     train_metrics = ray.get([t.train_step.remote(b) for t, b in zip(trainers, batches)])[0]
-    sup.engines(lambda: ray.get([e.wake.remote() for e in engines]))
+    woken = sup.engines(lambda: ray.get([e.wake.remote() for e in engines]))
+    phase_metrics = {**(slept or [{}])[0], **(woken or [{}])[0]}  # engine 0's GPU memory per phase (GPU only)
     t2 = time.perf_counter()
     sync_metrics = sup.engines(sup.sync.sync)
     draft_checks.append(sync_metrics.pop("spec/draft_ok", None))
@@ -78,7 +81,8 @@ def _step(step: int, cfg, sup: _Supervisor, prompts: PromptSource, tracker: Trac
     if train_metrics["train/skipped_updates"]:
         print(f"warning: step {step}: non-finite loss or gradient; update skipped, weights untouched",
               file=sys.stderr, flush=True)
-    metrics = {**train_metrics, **_rollout_metrics(rollouts, rewards, spec), **sync_metrics, **sup.counters(),
+    metrics = {**train_metrics, **_rollout_metrics(rollouts, rewards, spec), **sync_metrics, **phase_metrics,
+               **sup.counters(),
                "timing/rollout_s": t1 - t0, "timing/train_s": t2 - t1, "timing/step_s": time.perf_counter() - t0}
     if any(c is not None for c in draft_checks):  # 1.0: drafts checked and fine; 0.0: one was re-quantized
         metrics["spec/draft_ok"] = min(c for c in draft_checks if c is not None)
@@ -199,11 +203,12 @@ def generate(engines: list, prompt_ids: list[list[int]], cfg, step: int) -> tupl
     group = cfg.data.samples_per_prompt
     num_groups = len(prompt_ids) // group
     buckets = assign_groups([len(prompt_ids[g * group]) for g in range(num_groups)], len(engines))
+    seeds = request_seeds(cfg.seed, step, num_groups, group)  # per request, whichever engine serves it
     calls = []
     for e, groups in enumerate(buckets):
         index = [g * group + k for g in groups for k in range(group)]
         params = SamplingParams(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                                top_p=cfg.sampling.top_p, seed=cfg.seed * 1_000_003 + step * 101 + e)
+                                top_p=cfg.sampling.top_p, seeds=[seeds[i] for i in index])
         calls.append((index, engines[e].generate.remote([prompt_ids[i] for i in index], params)))
     rollouts = [None] * len(prompt_ids)
     for index, outs in zip([i for i, _ in calls], ray.get([c for _, c in calls])):

@@ -9,8 +9,13 @@ counted with one all-reduce (``denom``); every micro-batch contributes ``Σ ℓ_
 averages gradients over ranks, so each rank's loss is multiplied by ``world_size``; the summed
 gradient is then exactly that of the mini-batch token mean, whatever the micro-batching or the number
 of ranks.
+
+Memory: the head's float32 logits exist ``logprob_chunk_tokens`` positions at a time, in forward and
+backward (``_head_returns_scores``); each micro-batch is trimmed to its own columns, and with
+``micro_batch_tokens`` packed by padded tokens (``batch.micro_batches``), as many on every rank.
 """
 
+import contextlib
 import os
 import random
 from collections import defaultdict
@@ -30,9 +35,11 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM
 
 from orchestrator import grpo
+from orchestrator.batch import column_span, micro_batches, seq_spans
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "response_mask")
 
@@ -45,21 +52,65 @@ def init_process_group(rank: int, world_size: int, master_addr: str = "127.0.0.1
                             world_size=world_size)
 
 
-def _forward(model, input_ids: Tensor, attention_mask: Tensor, temperature: float,
-             with_entropy: bool = False, entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Token log-probs ``[B, T]`` (and entropies ``[B, T]``) of one micro-batch; see compute_logprobs."""
+def _head_scores(project, hidden: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
+                 entropy_grad: bool) -> Tensor:
+    """``[c, H], [c] -> [c, 1 or 2]``: ``log softmax(z)[target]`` (and the entropy of softmax(z)) with
+    ``z = lm_head(hidden).float() / temperature`` — the only vocabulary-sized tensors, ``[c, V]``."""
+    z = project(hidden).float() / temperature
+    logp = z.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
+    if not with_entropy:
+        return logp[:, None]
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = grpo.entropy_from_logits(z if entropy_grad else z.detach())
+    return torch.stack([logp, entropy], -1)
+
+
+@contextlib.contextmanager
+def _head_returns_scores(model, targets: Tensor, temperature: float, chunk_tokens: int, with_entropy: bool,
+                         entropy_grad: bool):
+    """Inside the block the model's lm_head maps hidden states ``[B, T, H]`` to ``_head_scores``
+    ``[B·T, 1 or 2]`` of ``targets [B, T]``, ``chunk_tokens`` of the B·T positions at a time, instead of
+    to logits ``[B, T, V]``. It still runs inside the model's forward, so FSDP2 gathers (and reduces the
+    gradient of) the head's weight, tied or not, as for plain logits. Under autograd each chunk is
+    checkpointed: backward recomputes one chunk's logits at a time instead of keeping all of them.
+    ``chunk_tokens = 0``: all positions at once, logits kept for backward (the unchunked computation).
+    """
+    head = model.get_output_embeddings()
+    project, patched = head.forward, head.__dict__.get("forward")
+
+    def forward(hidden: Tensor) -> Tensor:  # [B, T, H] -> [B·T, 1 or 2], a new tensor (not a view) for FSDP2
+        flat, size = hidden.reshape(-1, hidden.shape[-1]), chunk_tokens or hidden.shape[:-1].numel()
+        is_checkpointed = chunk_tokens > 0 and torch.is_grad_enabled()
+        return torch.cat([checkpoint(_head_scores, project, h, y, temperature, with_entropy, entropy_grad,
+                                     use_reentrant=False, preserve_rng_state=False) if is_checkpointed
+                          else _head_scores(project, h, y, temperature, with_entropy, entropy_grad)
+                          for h, y in zip(flat.split(size), targets.reshape(-1).split(size))])
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if patched is None:
+            del head.forward
+        else:
+            head.forward = patched
+
+
+def _forward(model, input_ids: Tensor, attention_mask: Tensor, temperature: float, with_entropy: bool = False,
+             entropy_grad: bool = False, chunk_tokens: int = 0) -> tuple[Tensor, Tensor | None]:
+    """Token log-probs ``[B, T]`` (and entropies ``[B, T]``) of one micro-batch; see compute_logprobs.
+
+    One decoder forward; the head's logits exist ``chunk_tokens`` positions at a time
+    (``_head_returns_scores``).
+    """
     # Positions from the mask, so left-padded prompts get the positions the rollout engine used.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits
-    logits = logits[:, :-1].float() / temperature  # [B, T-1, V]: position t-1 predicts token t
-    logp = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    logp = F.pad(logp, (1, 0))  # token 0 has no context: 0
-    entropy = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = F.pad(grpo.entropy_from_logits(logits if entropy_grad else logits.detach()), (1, 0))
-    return logp, entropy
+    targets = F.pad(input_ids[:, 1:], (0, 1))  # position t predicts token t+1 (the last one: nothing)
+    with _head_returns_scores(model, targets, temperature, chunk_tokens, with_entropy, entropy_grad):
+        scores = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits.view(*input_ids.shape, -1)  # [B, T, 1 or 2]
+    scores = F.pad(scores[:, :-1], (0, 0, 1, 0))  # token t's score at t; token 0 has no context: 0
+    return scores[..., 0], scores[..., 1] if with_entropy else None
 
 
 def assemble_shards(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -71,25 +122,33 @@ def assemble_shards(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def compute_logprobs(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
-                     temperature: float = 1.0, micro_batch_size: int | None = None) -> Tensor:
+                     temperature: float = 1.0, micro_batches: list[Tensor] | None = None,
+                     chunk_tokens: int = 0) -> Tensor:
     """``out[b, t] = log softmax(logits[b, t-1] / temperature)[input_ids[b, t]]`` for response tokens.
 
     All inputs ``[B, T]`` on the model's device. Alignment: position ``t`` holds the log-prob of token
     ``t`` given tokens ``< t`` (logits[:, :-1] against ids[:, 1:], shifted right by one), so it lines
     up with ``response_mask``; positions outside the response (and t = 0) are 0. Logits are cast to
-    float32 before the temperature; one ``[b, T, V]`` logits tensor per micro-batch of b sequences.
+    float32 before the temperature. ``micro_batches``: the row indices of each forward (default: all
+    rows in one), each trimmed to its own ``column_span``; logits exist ``chunk_tokens`` positions at
+    a time (0: one ``[b, w, V]`` tensor per micro-batch of b rows and w columns).
     """
-    step = micro_batch_size or input_ids.shape[0]
-    out = [_forward(model, input_ids[i:i + step], attention_mask[i:i + step], temperature)[0]
-           for i in range(0, input_ids.shape[0], step)]
-    return torch.cat(out) * response_mask
+    out = torch.zeros(input_ids.shape, device=input_ids.device)
+    for rows in micro_batches or [torch.arange(input_ids.shape[0])]:
+        rows = rows.to(input_ids.device)
+        cols = column_span(attention_mask[rows])
+        out[rows, cols] = _forward(model, input_ids[rows, cols], attention_mask[rows, cols], temperature,
+                                   chunk_tokens=chunk_tokens)[0]
+    return out * response_mask
 
 
 class FSDPTrainer:
     """The policy (and frozen reference) of one rank, sharded with FSDP2, trained with GRPO.
 
     ``micro_batch_size``/``mini_batch_size`` count sequences of *this rank* (mini: per optimizer
-    step, None = the whole share in one step); ``ppo_epochs`` passes over the batch. ``dtype`` is the
+    step, None = the whole share in one step); ``micro_batch_tokens > 0`` packs micro-batches by
+    padded tokens instead (``batch.micro_batches``); ``logprob_chunk_tokens``: positions whose logits
+    exist at once (0: a whole micro-batch's); ``ppo_epochs`` passes over the batch. ``dtype`` is the
     compute dtype: bf16 (default on CUDA) via FSDP2 ``MixedPrecisionPolicy`` with fp32 master weights
     and fp32 gradient reduction; float32 default on CPU.
     """
@@ -99,8 +158,9 @@ class FSDPTrainer:
                  kl_type: str = "low_var_kl", entropy_coef: float = 0.0, clip_low: float = 0.2,
                  clip_high: float = 0.2, clip_ratio_c: float | None = 3.0, loss_agg: str = "token-mean",
                  micro_batch_size: int = 4, mini_batch_size: int | None = None, ppo_epochs: int = 1,
-                 use_ref_model: bool = True, temperature: float = 1.0, seed: int = 0, device: str = "cpu",
-                 dtype: str | None = None, activation_checkpointing: bool = False):
+                 micro_batch_tokens: int = 0, logprob_chunk_tokens: int = 1024, use_ref_model: bool = True,
+                 temperature: float = 1.0, seed: int = 0, device: str = "cpu", dtype: str | None = None,
+                 activation_checkpointing: bool = False):
         if kl_type not in grpo.KL_KINDS or loss_agg not in grpo.AGG_MODES:
             raise ValueError(f"kl_type in {grpo.KL_KINDS}, loss_agg in {grpo.AGG_MODES}; got {kl_type!r}, {loss_agg!r}")
         if not dist.is_initialized() or dist.get_world_size() != world_size or dist.get_rank() != rank:
@@ -109,6 +169,7 @@ class FSDPTrainer:
         self.kl_coef, self.kl_type, self.entropy_coef = kl_coef, kl_type, entropy_coef
         self.clip_low, self.clip_high, self.clip_ratio_c, self.loss_agg = clip_low, clip_high, clip_ratio_c, loss_agg
         self.micro_batch_size, self.mini_batch_size, self.ppo_epochs = micro_batch_size, mini_batch_size, ppo_epochs
+        self.micro_batch_tokens, self.logprob_chunk_tokens = micro_batch_tokens, logprob_chunk_tokens
         self.grad_clip, self.temperature, self.seed = grad_clip, temperature, seed
         self.activation_checkpointing = activation_checkpointing
         if device == "cuda":
@@ -155,7 +216,22 @@ class FSDPTrainer:
         model = self.ref_model if use_ref else self.model
         model.eval()
         ids, attn, resp = (batch[k].to(self.device) for k in TOKEN_KEYS)
-        return compute_logprobs(model, ids, attn, resp, self.temperature, self.micro_batch_size).cpu()
+        rows = self._micro_batches(batch["attention_mask"])
+        return compute_logprobs(model, ids, attn, resp, self.temperature, rows, self.logprob_chunk_tokens).cpu()
+
+    def _micro_batches(self, attention_mask: Tensor) -> list[Tensor]:
+        """Row indices of each micro-batch of ``attention_mask [n, T]``; as many on every rank (each forward
+        and backward is a set of FSDP2 collectives)."""
+        if not self.micro_batch_tokens:
+            return micro_batches(attention_mask, max_seqs=self.micro_batch_size)
+        first, last = seq_spans(attention_mask)
+        local = [len(micro_batches(attention_mask, max_tokens=self.micro_batch_tokens)),
+                 max(b - a + 1 for a, b in zip(first, last))]
+        count, longest = self._all_reduce(torch.tensor(local), dist.ReduceOp.MAX).tolist()
+        if longest > self.micro_batch_tokens:  # every rank raises: none is left waiting in a collective
+            raise ValueError(f"train.micro_batch_tokens: expected >= the longest sequence ({longest} tokens), "
+                             f"got {self.micro_batch_tokens}")
+        return micro_batches(attention_mask, max_tokens=self.micro_batch_tokens, min_count=count)
 
     def _all_reduce(self, values: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
         values = values.to(self.device)
@@ -207,10 +283,12 @@ class FSDPTrainer:
         denom, num_tokens = counts[0].clamp(min=1).to(self.device), counts[1].item()
         sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros(()))
         self.optimizer.zero_grad(set_to_none=True)
-        for start in range(0, mask.shape[0], self.micro_batch_size):
-            micro = {k: v[start:start + self.micro_batch_size].to(self.device) for k, v in mini.items()}
+        for rows in self._micro_batches(mini["attention_mask"]):
+            cols = column_span(mini["attention_mask"][rows])  # trimmed to its own longest sequence
+            micro = {k: (v[rows, cols] if v.dim() == 2 else v[rows]).to(self.device) for k, v in mini.items()}
             logp, entropy = _forward(self.model, micro["input_ids"], micro["attention_mask"], self.temperature,
-                                     with_entropy=True, entropy_grad=self.entropy_coef != 0)
+                                     with_entropy=True, entropy_grad=self.entropy_coef != 0,
+                                     chunk_tokens=self.logprob_chunk_tokens)
             old_logp = micro["old_logprobs"] if "old_logprobs" in micro else logp.detach()
             loss, metrics = grpo.grpo_loss(
                 logp, old_logp, micro["advantages"], micro["response_mask"].float(),

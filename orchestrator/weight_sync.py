@@ -2,7 +2,8 @@
 
 Lifecycle (as TRL's weight transfer): gather (all ranks join the collective; rank 0 gets the dict) ->
 send (one object-store copy, every engine's `update_weights`, which re-quantizes its drafter) ->
-verify (on a schedule, the engine's weight checksum against the trainer's, and its drafter against a fresh
+verify (on a schedule: what the engine holds under every sent name, read back in its own dtype, against the
+sent tensor cast to that dtype, exactly (er_sglang/weight_probe.py); and its drafter against a fresh
 quantization of those weights). An engine that fails keeps its previous weights (engines validate before
 copying) and the sync raises a WeightSyncError naming it; an engine that dies raises Ray's RayActorError,
 which the train loop answers by restarting it (orchestrator/train.py).
@@ -14,7 +15,7 @@ import time
 import ray
 from ray.exceptions import RayActorError
 
-from er_sglang.engine import state_dict_checksum
+from er_sglang.weight_probe import PROBE_NUM_VALUES, probe_mismatch
 
 
 class WeightSyncError(RuntimeError):
@@ -62,12 +63,14 @@ class WeightSync:
         return out
 
     def verify(self, state_dict) -> None:
-        """Every engine's weights equal the trainer's (sha256 over names and values)."""
-        want = state_dict_checksum(state_dict)
-        got = ray.get([e.weights_checksum.remote() for e in self.engines])
-        bad = [i for i, c in enumerate(got) if c != want]
-        if bad:
-            raise WeightSyncError(f"weight checksum mismatch on engine(s) {bad}: trainer {want}, engines {got}")
+        """Every engine holds the sent weights: PROBE_NUM_VALUES values of every tensor, under the trainer's
+        names, bit-equal to the sent ones cast to the engine's dtype."""
+        shapes = {name: list(t.shape) for name, t in state_dict.items()}
+        probes = ray.get([e.weights_probe.remote(shapes, PROBE_NUM_VALUES) for e in self.engines])
+        for i, probe in enumerate(probes):
+            reason = probe_mismatch(state_dict, probe, PROBE_NUM_VALUES)
+            if reason:
+                raise WeightSyncError(f"weight sync check failed on engine {i}: {reason}")
 
 
 def check_drafts(engines: list) -> float:

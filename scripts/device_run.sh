@@ -3,6 +3,8 @@
 # the machine's 30 s warm window of the last (the kit and the caches together exceed one call's 64 MiB):
 #     run(command="STEPS=install bash scripts/device_run.sh", carry=[".whl"])
 #     run(command="STEPS='marlin engine modes bench' bash scripts/device_run.sh", carry=[".kitcache"])
+# Real model (Qwen2.5-Coder-0.5B, scripts/accept_real.py stage): eight calls, one chunk each, within the warm
+# window: run(command="STEPS=stage bash scripts/device_run.sh", carry=[".stage/cNN"]); then STEPS='assemble real'.
 # install: the kit (.whl, built by ../shared/device-kit/build.sh with SLIM=1 FLASHINFER=1) into /tmp/site
 # and an import check of the worker. Other steps restore the prebuilt JIT caches (.kitcache/*.tgz, copied
 # from ../shared/device-kit/cache) on first use, run within LIMIT seconds and leave in $OUT: logs and
@@ -23,6 +25,10 @@ if [ -d .whl ]; then
         --target /tmp/site .whl/*.whl 2>&1 | tail -2
     el "kit installed"
 fi
+# torch_memory_saver 0.0.10 (cu12/cu13 hooks) for SGLang's memory-saving sleep/wake; .whl is full, so it travels
+# in .kitcache (docs/reproducibility.md gives the pip download command)
+ls .kitcache/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .kitcache/*.whl 2>&1 | tail -2 && el "extra wheels: $(ls .kitcache/*.whl | xargs -n1 basename)"
 if [ -d .kitcache ] && [ ! -f /tmp/.caches_restored ]; then
     tar xzf .kitcache/tvmffi-*.tgz -C /tmp && mkdir -p ~/.cache && tar xzf .kitcache/flashinfer-*.tgz -C ~/.cache \
         && touch /tmp/.caches_restored && el "JIT caches restored: $(ls /tmp/jitcache | wc -l) tvm-ffi modules"
@@ -60,7 +66,9 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
         bench)  bench "${BACKEND:-flashinfer}" ;;
         bench_triton) bench triton ;;
         profile) profile "${BACKEND:-flashinfer}" ;;
-        stage)  mkdir -p /tmp/stage && cp -r .stage/* /tmp/stage/ && el "staged: $(ls /tmp/stage | tr '\n' ' ')" ;;
+        stage)  mkdir -p /tmp/stage && cp -r .stage/c* /tmp/stage/ && el "staged: $(ls /tmp/stage | tr '\n' ' ')" ;;
+        assemble) python3 scripts/accept_real.py assemble --stage /tmp/stage --out /tmp/q05 > "$OUT/assemble.log" 2>&1
+                el "assemble rc=$?"; tail -n 3 "$OUT/assemble.log" ;;
         real)   pt real tests/gpu/test_real_model.py "${REAL_CAP:-}" ;;
     esac
 done

@@ -17,6 +17,8 @@ MODELS = {
     "llama3.1-8b-instruct": (5, 1e-2, "llama-instruct", "data/math_medium_train.jsonl"),
     "qwen2.5-14b": (5, 1e-4, "qwen-base", "data/math_hard_train.jsonl"),
 }
+# Staged real models (issue 11: one H200, the model staged on the device): a mode pair, equal but for spec.mode.
+STAGED = {"qwen2.5-coder-0.5b": ("no-sd", "argmax")}
 # Where configs/default.yaml differs from the schema defaults (none: `er-train` with no arguments runs
 # exactly the default job; the experiment files set the paper's lr 5e-7 and KL weights).
 DEFAULT_YAML_OVERRIDES: dict = {}
@@ -42,10 +44,26 @@ def test_configs_every_job_yaml_loads(path):
     assert isinstance(cfg, TrainConfig)
 
 
-def test_configs_there_are_three_models_times_five_modes():
-    assert {p.parent.name for p in CONFIGS.glob("experiments/*/*.yaml")} == set(MODELS)
+def test_configs_experiments_are_three_models_times_five_modes_plus_staged_pairs():
+    assert {p.parent.name for p in CONFIGS.glob("experiments/*/*.yaml")} == set(MODELS) | set(STAGED)
     for model in MODELS:
         assert {p.stem for p in (CONFIGS / "experiments" / model).glob("*.yaml")} == {"base", *MODES}
+    for model, modes in STAGED.items():
+        assert {p.stem for p in (CONFIGS / "experiments" / model).glob("*.yaml")} == {"base", *modes}
+
+
+@pytest.mark.parametrize("model", STAGED)
+def test_configs_staged_mode_files_differ_only_in_mode(model):
+    first, second = (_flat(asdict(load_config(TrainConfig, [str(CONFIGS / "experiments" / model / f"{m}.yaml")])))
+                     for m in STAGED[model])
+    assert {k for k in first if first[k] != second[k]} == {"spec.mode"}  # same seed, data, lengths, everything
+    assert (first["spec.mode"], second["spec.mode"]) == STAGED[model]
+    engine = (first["engine"], first["model.dtype"], first["sglang.attention_backend"])
+    assert engine == ("sglang", "bfloat16", "triton")
+    cluster = (first["cluster.num_gpus"], first["cluster.num_engines"], first["cluster.placement"])
+    assert cluster == (1, 1, "colocated")
+    assert first["data.samples_per_prompt"] == 8 and first["sampling.max_new_tokens"] == 2048
+    assert first["sampling.temperature"] == 1.0 and first["train.num_steps"] >= 20
 
 
 @pytest.mark.parametrize("model", MODELS)

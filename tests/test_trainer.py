@@ -11,6 +11,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from orchestrator import trainer as trainer_mod
@@ -45,6 +46,14 @@ def make_batch(seed: int, rewards: list[float]) -> dict[str, torch.Tensor]:
 
 BATCH_1 = make_batch(1, [1.0, 0.0, 0.0, 1.0])
 BATCH_2 = make_batch(2, [0.0, 1.0, 1.0, 1.0])
+# BATCH_1 with sequence 3's response cut to 3 tokens. Tokens per sequence 7, 9, 11, 6 (columns 2-8, 1-9, 0-10,
+# 2-7); with a 20-token budget rank 0 of 2 ({0, 2}: 2 x 11 columns) needs 2 micro-batches, rank 1 ({1, 3}:
+# 2 x 9) one, which it must split to run as many forwards as rank 0.
+BATCH_T = {k: v.clone() for k, v in BATCH_1.items()}
+BATCH_T["attention_mask"][3, T_PROMPT + 3:] = 0
+BATCH_T["response_mask"][3, T_PROMPT + 3:] = 0
+BATCH_T["input_ids"] *= BATCH_T["attention_mask"]
+TOKENS = {"kl_coef": 0.1, "ppo_epochs": 2}  # old and reference log-probs through compute_logprobs
 
 
 def _share(batch, rank, world):
@@ -54,6 +63,18 @@ def _share(batch, rank, world):
 def _params(tr):
     sd = tr.full_state_dict()  # a collective: every rank calls it, rank 0 gets the dict
     return None if sd is None else {k: v.clone() for k, v in sd.items()}
+
+
+def _record_grads(tr) -> list:
+    """The full (clipped) gradients of each of `tr`'s optimizer steps, appended as they happen."""
+    grads, step = [], tr.optimizer.step
+
+    def record():
+        grads.append({n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+                      for n, p in tr.model.named_parameters()})
+        step()
+    tr.optimizer.step = record
+    return grads
 
 
 def _run_world1(model_path, out):
@@ -74,6 +95,18 @@ def _run_world1(model_path, out):
     tr = trainer_mod.FSDPTrainer(model_path, **COMMON, micro_batch_size=2)
     res["m_zero"] = tr.train_step(zero)
     res["zero"] = _params(tr)
+    for name, kwargs in (("one_micro", {"micro_batch_size": 4, "logprob_chunk_tokens": 0}),  # unchunked
+                         ("budget", {"micro_batch_tokens": 24, "logprob_chunk_tokens": 5})):
+        tr = trainer_mod.FSDPTrainer(model_path, **COMMON, **kwargs)
+        res[f"g_{name}"] = _record_grads(tr)
+        res[f"m_{name}"] = tr.train_step(BATCH_1)
+    tr = trainer_mod.FSDPTrainer(model_path, **COMMON | TOKENS, micro_batch_size=4, logprob_chunk_tokens=0)
+    res["g_tokens_ref"] = _record_grads(tr)
+    tr.train_step(BATCH_T)
+    try:
+        trainer_mod.FSDPTrainer(model_path, **COMMON, micro_batch_tokens=10).train_step(BATCH_1)
+    except ValueError as exc:
+        res["budget_error"] = str(exc)
     return res
 
 
@@ -93,6 +126,10 @@ def _run_dist(model_path, out, rank, world):
     res["resumed2"] = _params(resumed)
     res["full_sd_is_none"] = tr.full_state_dict() is None
     res["local"] = tr.local_state_dict()
+    tr = trainer_mod.FSDPTrainer(model_path, rank=rank, world_size=world, **COMMON | TOKENS,
+                                 micro_batch_tokens=20, logprob_chunk_tokens=5)
+    res["g_tokens"] = _record_grads(tr)
+    tr.train_step(_share(BATCH_T, rank, world))
     return res
 
 
@@ -153,6 +190,30 @@ def test_train_step_zero_advantage_leaves_parameters_unchanged(world1):
 
 def test_train_step_micro_batching_invariant(world1):
     assert _max_diff(world1["micro2"], world1["micro4"]) < 1e-5
+
+
+def _max_grad_diff(a: list, b: list) -> float:
+    assert len(a) == len(b) > 0 and max(g.abs().max().item() for g in b[0].values()) > 1e-2
+    return max(_max_diff(x, y) for x, y in zip(a, b))
+
+
+def test_train_step_token_budget_and_chunks_match_one_unchunked_micro_batch(world1):
+    # a 24-token budget packs BATCH_1 as [2, 3] (2 x 12 columns) and [1, 0] (2 x 9); logits 5 positions at a time
+    assert _max_grad_diff(world1["g_budget"], world1["g_one_micro"]) < 1e-5
+    for key in ("train/loss", "train/entropy", "train/num_tokens", "train/grad_norm"):
+        assert world1["m_budget"][key] == pytest.approx(world1["m_one_micro"][key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_train_step_token_budget_with_unequal_rank_packing_matches_one_micro_batch(world, world1, world2):
+    # both epochs' updates, their old and reference log-probs computed by token budget too
+    grads = (world1 if world == 1 else world2[0])["dist"]["g_tokens"]
+    assert len(grads) == 2 and _max_grad_diff(grads, world1["g_tokens_ref"]) < 1e-5
+
+
+def test_train_step_budget_below_longest_sequence_names_the_key(world1):
+    assert world1["budget_error"] == ("train.micro_batch_tokens: expected >= the longest sequence (11 tokens), "
+                                      "got 10")
 
 
 def test_train_step_single_update_reuses_its_forward_as_old_logprobs(world1):

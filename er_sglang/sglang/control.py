@@ -1,4 +1,6 @@
-"""The self-spec worker's control channel (plugin RPC "er_spec"): stats, forced gamma, policy, draft checks."""
+"""The self-spec worker's control channel (plugin RPC "er_spec"): stats, forced gamma, draft checks, and the
+spec policy's cross-rollout state (state_dict / load_state_dict of worker.policy: checkpoints and engine
+restarts give it back through SGLangEngine.load_policy_state)."""
 from __future__ import annotations
 
 from er_sglang.sglang.gamma import build_policy, spec_from_env
@@ -36,12 +38,20 @@ def handle(worker, op: str, **kw) -> dict:
         nd, na = kw.get("num_drafted"), kw.get("num_accepted")
         worker.policy.end_rollout(nd, na) if nd is not None else worker.policy.end_rollout()
         return {"policy": worker.policy.state_dict()}
+    if op == "policy_state":
+        return {"policy": worker.policy.state_dict()}
+    if op == "load_policy_state":
+        worker.policy.load_state_dict(kw["state"])
+        return {"policy": worker.policy.state_dict()}
     if op == "reset_policy":
         worker.policy = build_policy(spec_from_env())
         worker.chooser.policy = worker.policy
         return {"policy": worker.policy.state_dict()}
     if op == "requantize":
         return {"requant_s": worker.requantize()}
+    if op == "mark_stale":  # after wake: re-quantize from the target's weights before the next decode step
+        worker.drafter.mark_stale()
+        return {"is_stale": True}
     if op == "draft_check":
         return worker.drafter.check()
     raise ValueError(f"unknown self-spec control op {op!r}")

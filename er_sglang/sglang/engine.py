@@ -16,12 +16,16 @@ import json
 import os
 import time
 
-from er_sglang.engine import Rollout, SamplingParams, SpecStats
+from er_sglang.engine import Rollout, SamplingParams, SpecStats, per_request_seeds, request_seed
 from er_sglang.sglang.gamma import SPEC_ENV, candidate_gammas
 
 # GPU defaults; `sglang:` overrides them (attention_backend: triton / fa3 with a full install). The device
 # kit needs its FLASHINFER=1 build for flashinfer and has no flashinfer sampling kernels (sampling: pytorch).
+# Per-request seeds (sampling_seed) are honored only with `sglang.enable_deterministic_inference: true`
+# (batch-invariant kernels, slower; off here): docs/reproducibility.md.
 ENGINE_DEFAULTS = {"attention_backend": "flashinfer", "sampling_backend": "pytorch", "log_level": "warning"}
+# What sleep() releases and wake() resumes: sglang.srt.constants.GPU_MEMORY_ALL_TYPES.
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 POLICY_KEYS = ("margin", "rampup_batch", "ladder_up", "ladder_down", "ladder_patience", "hysteresis",
                "min_dwell_steps", "prior_alpha", "prior_strength", "argmax_gammas", "probe_every")
 
@@ -39,6 +43,52 @@ def check_server_args(sglang_args: dict) -> None:
     for key in sglang_args:
         if key not in names:
             raise ValueError(f"sglang.{key}: not a field of sglang ServerArgs (0.5.17)")
+
+
+def run_server_args(cfg) -> dict:
+    """Server args that follow from the run (the config's `sglang:` block overrides each):
+
+    random_seed          from cfg.seed and this engine's GPU (CUDA_VISIBLE_DEVICES): SGLang's global generator
+                         at start, which draws whatever no sampling_seed covers (the self-draft's Gumbel noise,
+                         every draw without deterministic inference); a rerun starts it the same, engines on
+                         other GPUs apart (one shared stream would correlate their samples)
+    dtype                cfg.model.dtype (SGLang's "auto" would run a float32 checkpoint, e.g. a converted
+                         alias, in float16)
+    enable_memory_saver  colocated with training and torch_memory_saver importable: sleep() frees memory
+    """
+    import importlib.util
+    import logging
+    import zlib
+
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    out = {"random_seed": zlib.crc32(f"{int(_get(cfg, 'seed', 0))}/{gpu}".encode()) & 0x3FFFFFFF}  # < 2**30
+    if _get(cfg, "model.dtype") is not None:
+        out["dtype"] = str(_get(cfg, "model.dtype"))
+    if _get(cfg, "cluster.placement") == "colocated":
+        if importlib.util.find_spec("torch_memory_saver") is not None:
+            out["enable_memory_saver"] = True
+        else:  # SGLang would raise ImportError in its scheduler and take this process down with it
+            logging.getLogger(__name__).warning(
+                "cluster.placement=colocated but torch_memory_saver is not installed: engine sleep() frees "
+                "no GPU memory (docs/sglang_backend.md, Sleep/wake)")
+    return out
+
+
+def _gpu_used_gib(base_gpu_id: int = 0) -> tuple[float, float] | None:
+    """(used, total) GiB of the engine's GPU, device-wide (trainer included), from nvidia-smi; None if that
+    fails. Not torch: this process (the engine's owner) must not open a CUDA context of its own."""
+    import subprocess
+
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    device = visible[base_gpu_id].strip() if base_gpu_id < len(visible) else str(base_gpu_id)
+    try:
+        query = ["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits",
+                 "-i", device]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
+        used, total = (float(x) / 1024 for x in out.strip().splitlines()[0].split(","))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return round(used, 3), round(total, 3)
 
 
 def _get(cfg, dotted: str, default=None):
@@ -73,8 +123,11 @@ class SGLangEngine:
             os.environ.pop(SPEC_ENV, None)
         kwargs.update(sglang_args)
         self.server_kwargs = kwargs
+        self._gpu_id = int(kwargs.get("base_gpu_id") or 0)
+        self.memory: dict = {}  # GPU memory and times of the last sleep and wake (each returns its own)
+        self._num_calls = 0  # generate() calls: seeds for calls that bring none
         self.engine = self._start(kwargs)
-        self._stats_no_sd = SpecStats()
+        self._stats_no_sd = SpecStats.fresh()
 
     @classmethod
     def from_config(cls, cfg) -> SGLangEngine:
@@ -89,7 +142,11 @@ class SGLangEngine:
             from omegaconf import OmegaConf
 
             sglang_args = OmegaConf.to_container(sglang_args, resolve=True)
-        return cls(str(_get(cfg, "model.path")), spec, sglang_args)
+        from er_sglang.models import ALIASES, resolve_model_path
+
+        path = str(_get(cfg, "model.path"))  # an alias -> its converted dir; anything else goes to SGLang as is
+        return cls(str(resolve_model_path(path)) if path in ALIASES else path, spec,
+                   {**run_server_args(cfg), **sglang_args})
 
     def _spec_server_args(self) -> dict:
         cands = candidate_gammas(self.mode, self.spec["gamma"], self.spec["gamma_ladder"],
@@ -116,15 +173,24 @@ class SGLangEngine:
 
     # ---- RolloutEngine -------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, **extra) -> list[Rollout]:
-        """One rollout per prompt; `extra` goes into SGLang's sampling params (e.g. ignore_eos=True)."""
+        """One rollout per prompt; `extra` goes into SGLang's sampling params (e.g. ignore_eos=True).
+
+        Request i carries its own sampling_seed (params.seeds[i], one derived from params.seed, else one from
+        the engine's random_seed and call count: with deterministic inference SGLang gives every request
+        without a seed the same one, 42, so G copies of a prompt would sample the same tokens). SGLang honors
+        the seeds only with enable_deterministic_inference (docs/reproducibility.md).
+        """
+        self._num_calls += 1
+        base = self.server_kwargs.get("random_seed") or 0  # negative "steps": never an er-train/er-rollout seed
+        seeds = (per_request_seeds(params, len(prompts))
+                 or [request_seed(base, -self._num_calls, i, 0) for i in range(len(prompts))])
         sps = []
         for i in range(len(prompts)):
             sp = {"temperature": params.temperature, "top_p": params.top_p, "top_k": -1,
                   "max_new_tokens": params.max_new_tokens, **extra}
             if params.stop_token_ids:
                 sp["stop_token_ids"] = list(params.stop_token_ids)
-            if params.seed is not None:
-                sp["sampling_seed"] = int(params.seed) + i
+            sp["sampling_seed"] = seeds[i]
             sps.append(sp)
         outs = self.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=sps,
                                     return_logprob=True)
@@ -161,6 +227,12 @@ class SGLangEngine:
         """
         return self.rpc("checksum")["checksum"]
 
+    def weights_probe(self, shapes: dict, num_values: int) -> dict:
+        """What the target holds under the trainer's HF names (er_sglang/weight_probe.py), read in the
+        scheduler from SGLang's stacked qkv / gate_up parameters (er_sglang/sglang/hf_weights.py); any mode."""
+        shapes = {name: [int(s) for s in shape] for name, shape in shapes.items()}
+        return self.rpc("weights_probe", shapes=shapes, num_values=int(num_values))
+
     def draft_check(self) -> dict:
         """{"ok", "num_linears", "num_equal"}: the int4 twins against a fresh Marlin pack of the weights."""
         if self.mode == "no-sd":
@@ -171,30 +243,69 @@ class SGLangEngine:
     def requantize(self) -> float:
         return float(self.rpc("requantize")["requant_s"]) if self.mode != "no-sd" else 0.0
 
-    def sleep(self) -> None:
-        self.engine.release_memory_occupation()
+    def sleep(self) -> dict:
+        """Release the KV cache and the target's weights for the colocated trainer (SGLang's
+        release_memory_occupation; frees memory only when started with enable_memory_saver; CUDA-graph
+        pools only with SGLANG_MEMORY_SAVER_CUDA_GRAPH=1, SGLang's default being off).
 
-    def wake(self) -> None:
-        self.engine.resume_memory_occupation()
+        The int4 twins are made in alloc_memory_pool, after SGLang's "weights" region closed: they stay
+        resident and keep their values. Returns GPU memory (device-wide) before and after, and the time.
+        """
+        before, t0 = _gpu_used_gib(self._gpu_id), time.perf_counter()
+        self.engine.release_memory_occupation(tags=list(MEMORY_TAGS))
+        out = {"timing/sleep_s": time.perf_counter() - t0}
+        after = _gpu_used_gib(self._gpu_id)
+        if before and after:
+            out.update({"mem/total_gib": before[1], "mem/used_gib_awake": before[0],
+                        "mem/used_gib_asleep": after[0], "mem/released_gib": round(before[0] - after[0], 3)})
+        self.memory = out
+        return out
+
+    def wake(self) -> dict:
+        """Resume what sleep() released, at the same virtual addresses (captured CUDA graphs stay valid).
+
+        Resumed memory is not restored (no CPU backup): the weight sync that follows every wake rewrites the
+        weights, the KV cache was flushed, and the draft is marked stale, so it is re-quantized from the
+        target's weights before the next decode step (once, together with the sync's own mark).
+        """
+        t0 = time.perf_counter()
+        self.engine.resume_memory_occupation(tags=list(MEMORY_TAGS))
         if self.mode != "no-sd":
-            self.rpc("requantize")
+            self.rpc("mark_stale")
+        out = {"timing/wake_s": time.perf_counter() - t0}
+        after = _gpu_used_gib(self._gpu_id)
+        if after:
+            out["mem/used_gib_woken"] = after[0]
+        self.memory = {**self.memory, **out}
+        return out
 
     def stats(self, reset: bool = False) -> SpecStats:
         if self.mode == "no-sd":
             out = self._stats_no_sd
             if reset:
-                self._stats_no_sd = SpecStats()
+                self._stats_no_sd = SpecStats.fresh()
             return out
         d = self.rpc("stats", reset=reset)
         return SpecStats(num_steps=d["num_steps"], num_spec_steps=d["num_spec_steps"],
                          num_drafted=d["num_drafted"], num_accepted=d["num_accepted"],
                          num_emitted=d["num_emitted"], num_seq_steps=d["num_seq_steps"],
                          accept_len_hist={int(k): v for k, v in d["accept_len_hist"].items()},
-                         gamma_hist={int(k): v for k, v in d["gamma_hist"].items()}, requant_s=d["requant_s"])
+                         gamma_hist={int(k): v for k, v in d["gamma_hist"].items()}, requant_s=d["requant_s"],
+                         accept_hist_by_gamma={int(g): {int(k): v for k, v in c.items()}
+                                               for g, c in d.get("accept_hist_by_gamma", {}).items()},
+                         trace=d.get("trace"))
 
     def end_rollout(self, num_drafted: int | None = None, num_accepted: int | None = None) -> None:
         if self.mode != "no-sd":
             self.rpc("end_rollout", num_drafted=num_drafted, num_accepted=num_accepted)
+
+    def policy_state(self) -> dict | None:
+        """The spec policy's cross-rollout state (JSON-safe; the policy lives in the scheduler); None for no-sd."""
+        return self.rpc("policy_state")["policy"] if self.mode != "no-sd" else None
+
+    def load_policy_state(self, state: dict | None) -> None:
+        if state is not None and self.mode != "no-sd":
+            self.rpc("load_policy_state", state=state)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -19,8 +19,8 @@ Hooks (target -> why):
     AFTER  managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager
            .update_weights_from_distributed: mark the draft stale (SGLang only updates the target).
     AROUND managers.scheduler.Scheduler.handle_rpc_request: method "er_spec" -> SelfSpecWorker.control
-           (stats, forced gamma, end_rollout, draft checks; "checksum" of the target's weights),
-           JSON back in the reply's message.
+           (stats, forced gamma, end_rollout, policy state, draft checks; the target's weights:
+           "checksum", and "weights_probe" read back under HF names), JSON back in the reply's message.
 """
 from __future__ import annotations
 
@@ -88,16 +88,25 @@ def _handle_rpc_request(original, self, recv_req):
 
     params = recv_req.parameters or {}
     try:
-        worker = getattr(self, "draft_worker", None)
-        if params["op"] == "checksum":
-            result = {"checksum": weights_fingerprint(self.tp_worker.model_runner.model)}
-        elif not hasattr(worker, "control"):
-            result = {"error": "no self-draft worker (mode no-sd?)"}
-        else:
-            result = worker.control(params["op"], **json.loads(params.get("kwargs") or "{}"))
+        result = scheduler_op(self, params["op"], **json.loads(params.get("kwargs") or "{}"))
         return RpcReqOutput(success=True, message=json.dumps(result))
     except Exception as e:  # noqa: BLE001 - the reply carries the error to the engine
         return RpcReqOutput(success=False, message=f"{type(e).__name__}: {e}")
+
+
+def scheduler_op(scheduler, op: str, **kw) -> dict:
+    """One "er_spec" op in the scheduler: the target's weights (any mode) here, the rest by the worker."""
+    model = scheduler.tp_worker.model_runner.model
+    if op == "checksum":
+        return {"checksum": weights_fingerprint(model)}
+    if op == "weights_probe":
+        from er_sglang.sglang.hf_weights import probe
+
+        return probe(model, kw["shapes"], int(kw["num_values"]))
+    worker = getattr(scheduler, "draft_worker", None)
+    if not hasattr(worker, "control"):
+        return {"error": "no self-draft worker (mode no-sd?)"}
+    return worker.control(op, **kw)
 
 
 def weights_fingerprint(model) -> str:

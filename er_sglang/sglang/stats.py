@@ -6,42 +6,22 @@ sequences of gamma on gamma > 0 steps). Field names match er_sglang.engine.SpecS
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import torch
 
+from er_sglang.engine import SpecStats
 
-class WorkerStats:
+
+class WorkerStats(SpecStats):
+    """The engine's SpecStats, kept in the scheduler process; as_dict crosses the control RPC."""
+
     def __init__(self):
-        self.num_steps = 0
-        self.num_spec_steps = 0
-        self.num_drafted = 0
-        self.num_accepted = 0
-        self.num_emitted = 0
-        self.num_seq_steps = 0
-        self.accept_len_hist: dict[int, int] = defaultdict(int)
-        self.gamma_hist: dict[int, int] = defaultdict(int)
-        self.requant_s = 0.0
-
-    def observe(self, gamma: int, num_correct_drafts_per_req) -> None:
-        acc = [min(int(a), gamma) for a in num_correct_drafts_per_req]
-        self.num_steps += 1
-        self.gamma_hist[gamma] += 1
-        self.num_seq_steps += len(acc)
-        self.num_emitted += sum(acc) + len(acc)
-        if gamma > 0:
-            self.num_spec_steps += 1
-            self.num_drafted += gamma * len(acc)
-            self.num_accepted += sum(acc)
-            for a in acc:
-                self.accept_len_hist[a] += 1
+        super().__init__(trace=SpecStats.fresh().trace)
 
     def as_dict(self) -> dict:
-        return {"num_steps": self.num_steps, "num_spec_steps": self.num_spec_steps,
-                "num_drafted": self.num_drafted, "num_accepted": self.num_accepted,
-                "num_emitted": self.num_emitted, "num_seq_steps": self.num_seq_steps,
-                "accept_len_hist": dict(self.accept_len_hist), "gamma_hist": dict(self.gamma_hist),
-                "requant_s": self.requant_s}
+        return dataclasses.asdict(self)
 
 
 class StepTimer:

@@ -30,6 +30,8 @@ from sglang.srt.speculative.eagle_worker_v2 import EAGLEWorkerV2
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 from sglang.srt.speculative.spec_utils import get_plan_stream, sample_draft_proposal
 
+from er_sglang.replay import ENV as REPLAY_ENV
+from er_sglang.replay import ReplayAccept
 from er_sglang.sglang.gamma import GammaChooser, build_policy, spec_from_env
 from er_sglang.sglang.graphs import build_states, set_spec_steps
 from er_sglang.sglang.marlin_int4 import draft_mode
@@ -95,6 +97,10 @@ class SelfSpecWorker(EAGLEWorkerV2):
         self._pending: deque[tuple[int, list]] = deque()  # (gamma, reqs) per launched decode step
         self.profiler = HostProfiler.from_env()
         self._chains: dict = {}  # (gamma, B) -> the chain tree's parents / score index
+        self.replay = ReplayAccept.from_env()  # benchmark-only replayed acceptance (er_sglang/replay.py)
+        if self.replay is not None:
+            logger.warning("REPLAYED ACCEPTANCE (%s): accept counts drawn from %s, placeholder tokens emitted; "
+                           "for benchmarks only", REPLAY_ENV, self.replay.source)
         self._zeros = None  # zero top-k fields of _seed
 
     # ---- scheduler lifecycle -------------------------------------------------------------------------
@@ -231,6 +237,10 @@ class SelfSpecWorker(EAGLEWorkerV2):
         start = self.timer.start()
         self._switch_gamma(gamma)
         self._use(self.states[gamma])
+        if self.replay is not None:  # SGLang's simulated-acceptance hook, one accept length per batch step
+            from sglang.srt.speculative import spec_utils
+
+            spec_utils.SIMULATE_ACC_LEN = float(self.replay.draw(gamma) + 1)
         try:
             parents, score_index = self._chain(gamma, bs)
             batch.spec_info = build_eagle_verify_input(

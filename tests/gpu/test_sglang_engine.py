@@ -154,6 +154,24 @@ def test_update_weights_requantizes_draft(eng, tiny_path):
     assert back[0][:4] == before[0][:4] and back[1][:4] == before[1][:4]
 
 
+def test_weights_probe_reads_back_the_sent_weights_under_hf_names(eng, tiny_path):
+    """The sync check compares like with like: SGLang's stacked qkv (with Qwen2's biases) / gate_up bf16
+    parameters read back under the HF names equal the sent tensors bit for bit; a different dict does not."""
+    from er_sglang.weight_probe import PROBE_NUM_VALUES, probe_mismatch
+
+    orig, new = _perturbed_state_dict(tiny_path, 0.5)
+    shapes = {k: list(v.shape) for k, v in orig.items()}
+    eng.update_weights(new)
+    got_new = eng.weights_probe(shapes, PROBE_NUM_VALUES)
+    eng.update_weights(orig)
+    got_orig = eng.weights_probe(shapes, PROBE_NUM_VALUES)
+    record("weights_probe", {"names": len(got_new), "num_values": sum(len(v["values"]) for v in got_new.values()),
+                             "mismatch_new": probe_mismatch(new, got_new), "stale": probe_mismatch(new, got_orig)})
+    assert set(got_new) == set(orig)
+    assert probe_mismatch(new, got_new) is None and probe_mismatch(orig, got_orig) is None
+    assert probe_mismatch(new, got_orig) is not None
+
+
 def test_sleep_wake_memory(eng):
     """Records device memory around sleep/wake; the draft must be valid (re-quantized) after wake."""
     free0 = torch.cuda.mem_get_info()[0]

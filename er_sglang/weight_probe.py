@@ -1,0 +1,70 @@
+"""Weight probes: what an engine holds of the weights it was sent, read back under the trainer's names.
+
+Verifying a sync compares like with like. For every name of the state dict that was sent, the engine
+reads back `num_values` values of the tensor it loaded that name into (SGLang: a slice of its stacked
+qkv / gate_up parameter, er_sglang/sglang/hf_weights.py), at flat positions spread evenly over the
+trainer's shape, in its own dtype; the trainer takes the same positions of the sent tensor and casts
+them to that dtype. Casting is elementwise round-to-nearest-even on CPU and GPU alike, and bf16, fp16
+and fp32 values are exact as Python floats, so a correct sync is bit-equal: the tolerance is 0.
+
+    shapes = {name: list(t.shape) for name, t in sent.items()}
+    probe = engine.weights_probe(shapes, PROBE_NUM_VALUES)   # {name: {"dtype", "shape", "values"}}
+    probe_mismatch(sent, probe)                               # None, or one line naming the first bad name
+"""
+from __future__ import annotations
+
+import torch
+
+# per parameter: Qwen2.5-7B's 339 tensors give ~87k values, one small reply; a [512, 3584] k_proj is
+# probed in every other row, a norm or a tiny test model's tensors in every element
+PROBE_NUM_VALUES = 256
+
+
+def probe_index(numel: int, num_values: int) -> torch.Tensor:
+    """Flat row-major positions i * numel // n for i < n = min(numel, num_values) (all when numel <= num_values)."""
+    n = min(numel, num_values)
+    if n <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.arange(n, dtype=torch.int64) * numel // n
+
+
+def probe_tensor(tensor: torch.Tensor, shape, num_values: int) -> dict:
+    """Engine side: {"dtype", "shape", "values"} of `tensor` cut to `shape` (an engine may hold more, e.g.
+    SGLang pads the vocabulary), values at probe_index as Python floats. A tensor that does not cover
+    `shape` reports its own shape and no values."""
+    shape = [int(s) for s in shape]
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if tensor.dim() != len(shape) or any(have < want for have, want in zip(tensor.shape, shape)):
+        return {"dtype": dtype, "shape": list(tensor.shape), "values": []}
+    cut = tensor.detach()[tuple(slice(0, s) for s in shape)].reshape(-1)
+    index = probe_index(cut.numel(), num_values).to(cut.device)
+    return {"dtype": dtype, "shape": shape, "values": cut[index].double().cpu().tolist()}
+
+
+def expected_values(sent: torch.Tensor, dtype: str, num_values: int) -> list[float]:
+    """Trainer side: the sent tensor's values at probe_index, cast to the engine's `dtype`."""
+    flat = sent.detach().reshape(-1)
+    index = probe_index(flat.numel(), num_values).to(flat.device)
+    return flat[index].to(getattr(torch, dtype)).double().cpu().tolist()
+
+
+def probe_mismatch(sent: dict[str, torch.Tensor], probe: dict, num_values: int = PROBE_NUM_VALUES) -> str | None:
+    """One line naming the first parameter (sorted names) whose probe differs from the sent tensor cast to
+    the engine's dtype (tolerance 0), or that the engine lacks; None when every probe matches."""
+    for name in sorted(sent):
+        got = probe.get(name)
+        if got is None:
+            return f"{name}: the engine holds no such parameter"
+        shape = tuple(sent[name].shape)
+        if tuple(got["shape"]) != shape:
+            return f"{name}: shape {tuple(got['shape'])} on the engine, {shape} sent"
+        want = expected_values(sent[name], got["dtype"], num_values)
+        values = got["values"]
+        if values != want:
+            i = next((k for k, (a, b) in enumerate(zip(values, want)) if a != b), min(len(values), len(want)))
+            if i >= min(len(values), len(want)):
+                return f"{name}: {len(values)} values probed on the engine, {len(want)} expected"
+            flat = int(probe_index(sent[name].numel(), num_values)[i])
+            return (f"{name} differs from the weights sent (as {got['dtype']}, tolerance 0): flat element {flat} "
+                    f"is {values[i]!r} on the engine, {want[i]!r} sent")
+    return None

