@@ -181,6 +181,17 @@ class RolloutEngine(Protocol):
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
         """Load new target weights, then re-quantize the drafter; returns {"load_s", "requant_s"}."""
 
+    def weights_dtype(self) -> str:
+        """The dtype the target holds its weights in ("bfloat16", "float32"): what a sync sends."""
+
+    def begin_weight_update(self, shapes: dict[str, list[int]]) -> None:
+        """Check a coming bucketed update names known parameters of these shapes (raise ValueError naming the
+        first that does not) before any bucket is copied."""
+
+    def load_weights(self, named: list[tuple[str, torch.Tensor]], last: bool) -> dict[str, float]:
+        """One bucket of a bucketed update, copied in place; the last one makes the drafter follow (at once
+        or before the next draft); returns {"load_s", "requant_s"}."""
+
     def weights_checksum(self) -> str:
         """Fingerprint of the target's weights (before/after an update; engine-specific, not the trainer's)."""
 

@@ -129,6 +129,30 @@ class ReferenceEngine:
         self._stats.requant_s += requant_s
         return {"load_s": load_s, "requant_s": requant_s}
 
+    def weights_dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    def begin_weight_update(self, shapes: dict[str, list[int]]) -> None:
+        """Same names and shapes as the model's state dict (all of them); ValueError naming the first offender."""
+        _check_shapes(self.model.state_dict(), shapes)
+
+    def load_weights(self, named: list[tuple[str, torch.Tensor]], last: bool) -> dict[str, float]:
+        """One bucket copied in place (names and shapes checked by begin_weight_update); after the last, the
+        drafter is re-quantized from the new weights, once."""
+        t0 = time.perf_counter()
+        held = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in named:
+                held[name].copy_(tensor)
+        load_s = time.perf_counter() - t0
+        if not last:
+            return {"load_s": load_s, "requant_s": 0.0}
+        requant_s = self.drafter.requantize() if self.drafter is not None else 0.0
+        if self.draft_vocab is not None:
+            self.draft_vocab.mark_stale()
+        self._stats.requant_s += requant_s
+        return {"load_s": load_s, "requant_s": requant_s}
+
     def weights_checksum(self) -> str:
         return state_dict_checksum(self.model.state_dict())
 
@@ -290,6 +314,16 @@ def _emit(rollout: Rollout, tokens: list[int], logprobs: list[float], max_new: i
         if len(rollout.output_ids) >= max_new:
             rollout.finish_reason = "length"
             return
+
+
+def _check_shapes(current: dict, shapes: dict) -> None:
+    """A bucketed update's names and shapes against the model's: all present, none unknown, same shapes."""
+    missing, unexpected = sorted(set(current) - set(shapes)), sorted(set(shapes) - set(current))
+    if missing or unexpected:
+        raise ValueError(f"update_weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(current[name].shape):
+            raise ValueError(f"update_weights: {name} has shape {tuple(shape)}, expected {tuple(current[name].shape)}")
 
 
 def _check_state_dict(current: dict, new: dict) -> None:

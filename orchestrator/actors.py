@@ -70,6 +70,21 @@ class TrainerActor:
     def local_state_dict(self):
         return self.trainer.local_state_dict()
 
+    def weight_shapes(self):
+        return self.trainer.weight_shapes()
+
+    def weights_finite(self) -> bool:
+        return self.trainer.weights_finite()
+
+    def pack_bucket(self, index: int, names: list, dtype: str, transport: str, copies: int = 0):
+        return self.trainer.pack_bucket(index, names, dtype, transport, copies)
+
+    def release_bucket(self, index: int) -> None:
+        self.trainer.release_bucket(index)
+
+    def sent_probes(self, dtype: str, num_values: int) -> dict:
+        return self.trainer.sent_probes(dtype, num_values)
+
     def save_checkpoint(self, path: str) -> None:
         self.trainer.save_checkpoint(path)
 
@@ -121,6 +136,25 @@ class RolloutActor:
 
     def update_weights(self, state_dict) -> dict:
         return self.engine.update_weights(state_dict)
+
+    def weights_dtype(self) -> str:
+        return self.engine.weights_dtype()
+
+    def tp_size(self) -> int:
+        return int(getattr(self.engine, "tp_size", 1))
+
+    def begin_weight_update(self, shapes: dict) -> None:
+        self.engine.begin_weight_update(shapes)
+
+    def load_weight_bucket(self, transport: str, parts: list, last: bool) -> dict:
+        """One bucket (orchestrator/weight_transfer.py): object_store = every trainer rank's shard dict (refs,
+        fetched here, joined in rank order); cuda_ipc = [ref to the colocated rank's IPC payloads]."""
+        from orchestrator.weight_transfer import assemble_shards
+
+        got = ray.get(parts)
+        if transport == "cuda_ipc":
+            return self.engine.load_weights_serialized(got[0], last)
+        return self.engine.load_weights(list(assemble_shards(got).items()), last)
 
     def weights_checksum(self) -> str:
         return self.engine.weights_checksum()

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from er_sglang.config import ConfigError, RolloutJob, _require
+from orchestrator.weight_transfer import TRANSPORTS, ipc_reason
 
 PLACEMENTS = ("colocated", "split")
 KL_TYPES = ("low_var_kl", "kl", "mse")
@@ -107,9 +108,13 @@ class FaultSection:
 @dataclass
 class SyncSection:
     verify_every: int = 5  # check every N syncs that engines hold the sent weights exactly (0 = never)
+    transport: str = "auto"  # object_store | cuda_ipc (colocated GPUs, sglang) | auto (orchestrator/weight_transfer.py)
+    bucket_mb: float = 512.0  # weights per bucket, in the engines' dtype (a larger tensor goes alone)
 
     def __post_init__(self):
         _require(self.verify_every >= 0, "sync.verify_every", "an int >= 0", self.verify_every)
+        _require(self.transport in TRANSPORTS, "sync.transport", f"one of {TRANSPORTS}", self.transport)
+        _require(self.bucket_mb > 0, "sync.bucket_mb", "a number > 0 (MiB)", self.bucket_mb)
 
 
 @dataclass
@@ -127,6 +132,8 @@ class TrainConfig(RolloutJob):
     def __post_init__(self):
         super().__post_init__()
         _require(self.reward in ("math", "math_lenient"), "reward", "one of ('math', 'math_lenient')", self.reward)
+        if self.sync.transport == "cuda_ipc" and ipc_reason(self):
+            raise ConfigError(f"sync.transport: cuda_ipc needs {ipc_reason(self)}; use auto or object_store")
         budget, longest = self.train.micro_batch_tokens, self.sampling.max_new_tokens + 1  # >= 1 prompt token
         _require(not budget or budget >= longest, "train.micro_batch_tokens", "0 or at least the longest sequence "
                  f"(a prompt + sampling.max_new_tokens: > {longest - 1} tokens)", budget)

@@ -26,6 +26,7 @@ from orchestrator.prompts import PromptSource
 from orchestrator.reward import reward_fn
 from orchestrator.tracker import Tracker
 from orchestrator.weight_sync import WeightSync, WeightSyncError, check_drafts
+from orchestrator.weight_transfer import resolve_transport
 
 
 def train(cfg, run_dir: Path, resume_from: Path | None, prompts: PromptSource) -> int:
@@ -99,7 +100,8 @@ class _Supervisor:
 
     def __init__(self, cfg, run_dir: Path, cluster: Cluster, prompts: PromptSource):
         self.cfg, self.run_dir, self.cluster, self.prompts = cfg, Path(run_dir), cluster, prompts
-        self.sync = WeightSync(cluster.trainers, cluster.engines, cfg.sync.verify_every)
+        self.sync = WeightSync(cluster.trainers, cluster.engines, cfg.sync.verify_every,
+                               resolve_transport(cfg), cfg.sync.bucket_mb)
         self.reward = reward_fn(cfg.reward)
         self.faults = planned_faults()
         self.initial_data = prompts.state_dict()

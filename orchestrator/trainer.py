@@ -40,6 +40,7 @@ from transformers import AutoModelForCausalLM
 
 from orchestrator import grpo
 from orchestrator.batch import column_span, micro_batches, seq_spans
+from orchestrator.weight_transfer import assemble_shards, dtype_of, pack_ipc, shard_sizes  # noqa: F401 - re-export
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "response_mask")
 
@@ -113,13 +114,6 @@ def _forward(model, input_ids: Tensor, attention_mask: Tensor, temperature: floa
     return scores[..., 0], scores[..., 1] if with_entropy else None
 
 
-def assemble_shards(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Full state dict from every rank's `local_state_dict()` (rank order): dim-0 concatenation."""
-    if len(shards) == 1:
-        return shards[0]
-    return {k: torch.cat([s[k] for s in shards], 0) if shards[0][k].dim() else shards[0][k] for k in shards[0]}
-
-
 @torch.no_grad()
 def compute_logprobs(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
                      temperature: float = 1.0, micro_batches: list[Tensor] | None = None,
@@ -166,6 +160,7 @@ class FSDPTrainer:
         if not dist.is_initialized() or dist.get_world_size() != world_size or dist.get_rank() != rank:
             raise RuntimeError(f"init_process_group(rank={rank}, world_size={world_size}) must run first")
         self.rank, self.world_size = rank, world_size
+        self._held_buckets: dict[int, object] = {}
         self.kl_coef, self.kl_type, self.entropy_coef = kl_coef, kl_type, entropy_coef
         self.clip_low, self.clip_high, self.clip_ratio_c, self.loss_agg = clip_low, clip_high, clip_ratio_c, loss_agg
         self.micro_batch_size, self.mini_batch_size, self.ppo_epochs = micro_batch_size, mini_batch_size, ppo_epochs
@@ -322,6 +317,53 @@ class FSDPTrainer:
             return None
         return {k: v.to(dtype) for k, v in sd.items()} if dtype is not None else sd
 
+    # ---- weight handoff to the engines (orchestrator/weight_transfer.py) --------------------------------
+    def weight_shapes(self) -> list[tuple[str, list[int]]]:
+        """(name, full shape) of every state-dict entry, in state-dict order (the same on every rank)."""
+        return [(k, list(v.shape)) for k, v in self.model.state_dict().items()]
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """No NaN/inf in this rank's shards (no collective)."""
+        return all(bool(torch.isfinite(_local(v)).all()) for v in self.model.state_dict().values()
+                   if v.is_floating_point())
+
+    @torch.no_grad()
+    def pack_bucket(self, index: int, names: list[str], dtype: str, transport: str, copies: int = 0):
+        """One bucket of the policy's weights, cast to `dtype`, for the engines.
+
+        object_store: {name: this rank's dim-0 shard} (CPU; no collective). cuda_ipc: every rank all-gathers
+        the full tensors on its GPU (collective: all ranks call with the same names); a rank with an engine
+        on its GPU (`copies` = that engine's TP size) keeps the flat buffer as bucket `index` until
+        `release_bucket(index)` and returns `copies` serialized CUDA IPC payloads; the others return None.
+        """
+        sd, dt = self.model.state_dict(), dtype_of(dtype)
+        if transport == "object_store":
+            return {n: _local(sd[n]).detach().to(device="cpu", dtype=dt, copy=True) for n in names}
+        named = [(n, (sd[n].full_tensor() if isinstance(sd[n], DTensor) else sd[n]).detach().to(dt))
+                 for n in names]
+        if not copies:
+            return None
+        self._held_buckets[index], payloads = pack_ipc(named, copies)
+        return payloads
+
+    def release_bucket(self, index: int) -> None:
+        """The engines have loaded bucket `index`: drop its buffer (torch frees it once the engine's mapping
+        is gone)."""
+        self._held_buckets.pop(index, None)
+
+    @torch.no_grad()
+    def sent_probes(self, dtype: str, num_values: int) -> dict[str, dict]:
+        """{name: shard_probe} of this rank's rows of every entry as sent (cast to `dtype`); the driver merges
+        the ranks' parts (er_sglang/weight_probe.py), so a sync is checked without gathering the weights."""
+        from er_sglang.weight_probe import shard_probe
+
+        out = {}
+        for name, v in self.model.state_dict().items():
+            offset = sum(shard_sizes(v.shape[0], self.world_size)[:self.rank]) if v.dim() else self.rank
+            out[name] = shard_probe(_local(v), list(v.shape), offset, dtype_of(dtype), num_values)
+        return out
+
     @torch.no_grad()
     def local_state_dict(self) -> dict[str, Tensor]:
         """This rank's dim-0 shard of every state-dict entry (CPU copies; no collective).
@@ -329,8 +371,7 @@ class FSDPTrainer:
         FSDP2 shards dim 0 in rank order with torch.chunk sizes, so concatenating the ranks' shards
         (`assemble_shards`) gives the full state dict without gloo/NCCL all-gathers.
         """
-        return {k: (v.to_local() if isinstance(v, DTensor) else v).detach().to("cpu", copy=True)
-                for k, v in self.model.state_dict().items()}
+        return {k: _local(v).detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     @torch.no_grad()
     def param_checksum(self) -> float:
@@ -365,3 +406,8 @@ class FSDPTrainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.num_steps = rng["num_steps"]
         dist.barrier()
+
+
+def _local(v: Tensor) -> Tensor:
+    """This rank's part of a state-dict entry (a DTensor's local shard, else the tensor)."""
+    return v.to_local() if isinstance(v, DTensor) else v

@@ -18,7 +18,7 @@ from er_sglang.reference import ReferenceEngine
 from er_sglang.sglang import control, plugin
 from er_sglang.sglang.engine import SGLangEngine
 from er_sglang.sglang.hf_weights import hf_view
-from er_sglang.weight_probe import PROBE_NUM_VALUES, probe_index, probe_mismatch, probe_tensor
+from er_sglang.weight_probe import PROBE_NUM_VALUES, probe_index, probe_mismatch, probe_tensor, sent_probe
 from orchestrator import checkpoint, weight_sync
 from orchestrator import train as train_mod
 from orchestrator.actors import RolloutActor
@@ -232,16 +232,37 @@ def test_weight_sync_verify_names_the_engine_and_the_first_bad_parameter(no_ray)
     swapped = sglang_llama(sent, hf.config)  # k and v loaded into each other's rows: a mapping bug
     qkv = swapped.get_parameter("model.layers.0.self_attn.qkv_proj.weight").data
     qkv[64:96], qkv[96:128] = qkv[96:128].clone(), qkv[64:96].clone()
-    sync = weight_sync.WeightSync([], [_Handle(ref), _Handle(good)])
-    sync.verify(sent)
-    sync.engines.append(_Handle(_sglang_like("no-sd", None, swapped)))
+    engines = [_Handle(ref), _Handle(good)]
+    probes = {name: sent_probe(t, PROBE_NUM_VALUES) for name, t in sent.items()}
+    shapes = {name: list(t.shape) for name, t in sent.items()}
+
+    def verify():
+        weight_sync.check_engines(engines, probes, shapes)
+
+    verify()
+    engines.append(_Handle(_sglang_like("no-sd", None, swapped)))
     with pytest.raises(weight_sync.WeightSyncError, match=r"^weight sync check failed on engine 2: "
                        r"model\.layers\.0\.self_attn\.k_proj\.weight differs from the weights sent \(as bfloat16"):
-        sync.verify(sent)
-    sync.engines[2] = _Handle(_sglang_like("no-sd", None, sglang_llama(sent, hf.config)))
-    sync.verify(sent)
+        verify()
+    engines[2] = _Handle(_sglang_like("no-sd", None, sglang_llama(sent, hf.config)))
+    verify()
     bad = sglang_llama(sent, hf.config)
     bad.get_parameter("model.layers.1.self_attn.qkv_proj.weight").data[K_ROW] += 1.0
-    sync.engines[0] = _Handle(_sglang_like("no-sd", None, bad))
+    engines[0] = _Handle(_sglang_like("no-sd", None, bad))
     with pytest.raises(weight_sync.WeightSyncError, match=r"engine 0: model\.layers\.1\.self_attn\.k_proj\.weight "):
-        sync.verify(sent)
+        verify()
+
+
+def test_sglang_begin_weight_update_checks_names_and_shapes_on_its_model():
+    hf = _llama(tie=True)
+    sent = hf.state_dict()
+    engine = _sglang_like("no-sd", None, sglang_llama(sent, hf.config))
+    assert engine.weights_dtype() == "bfloat16"
+    shapes = {k: list(v.shape) for k, v in sent.items()}
+    engine.begin_weight_update(shapes)
+    rows, cols = shapes["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match=rf"^update_weights: model\.layers\.0\.mlp\.up_proj\.weight: shape "
+                                         rf"\({rows}, {cols}\) on the engine, \({rows + 1}, {cols}\) sent"):
+        engine.begin_weight_update({**shapes, "model.layers.0.mlp.up_proj.weight": [rows + 1, cols]})
+    with pytest.raises(ValueError, match=r"^update_weights: model\.nope\.weight: the engine holds no such parameter"):
+        engine.begin_weight_update({**shapes, "model.nope.weight": [2]})

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from er_sglang.weight_probe import merge_shard_probes, sent_probe
 from orchestrator import trainer as trainer_mod
 from orchestrator.grpo import group_advantages
 
@@ -126,6 +127,9 @@ def _run_dist(model_path, out, rank, world):
     res["resumed2"] = _params(resumed)
     res["full_sd_is_none"] = tr.full_state_dict() is None
     res["local"] = tr.local_state_dict()
+    res["shapes"], res["finite"] = tr.weight_shapes(), tr.weights_finite()
+    res["packed"] = tr.pack_bucket(0, [name for name, _ in res["shapes"]], "bfloat16", "object_store")
+    res["probes"] = tr.sent_probes("bfloat16", 64)
     tr = trainer_mod.FSDPTrainer(model_path, rank=rank, world_size=world, **COMMON | TOKENS,
                                  micro_batch_tokens=20, logprob_chunk_tokens=5)
     res["g_tokens"] = _record_grads(tr)
@@ -226,6 +230,18 @@ def test_local_shards_assemble_to_the_full_state_dict(world2):
     assembled = trainer_mod.assemble_shards([r["dist"]["local"] for r in world2])
     assert set(assembled) == set(full)
     assert all(torch.equal(assembled[k], full[k]) for k in full)
+
+
+def test_bucket_parts_and_shard_probes_of_two_ranks_rebuild_the_sent_weights(world2):
+    # what WeightSync's object_store transport and its verify get from the ranks, without a gather
+    full = world2[0]["dist"]["step2"]
+    ranks = [r["dist"] for r in world2]
+    assert all(r["finite"] for r in ranks) and [n for n, _ in ranks[0]["shapes"]] == list(full)
+    packed = trainer_mod.assemble_shards([r["packed"] for r in ranks])
+    assert all(torch.equal(packed[k], v.to(torch.bfloat16)) for k, v in full.items())
+    for name, shape in ranks[0]["shapes"]:
+        merged = merge_shard_probes([r["probes"][name] for r in ranks], shape, torch.bfloat16)
+        assert merged == sent_probe(full[name].to(torch.bfloat16), 64), name
 
 
 def test_full_state_dict_loads_into_hf_model(world1, model_path):

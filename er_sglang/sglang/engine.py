@@ -219,6 +219,44 @@ class SGLangEngine:
         requant_s = float(self.rpc("stats")["last_requant_s"]) if self.mode != "no-sd" else 0.0
         return {"load_s": total - requant_s, "requant_s": requant_s}
 
+    @property
+    def tp_size(self) -> int:
+        return int(self.server_kwargs.get("tp_size") or 1)
+
+    def weights_dtype(self) -> str:
+        return self.rpc("weights_dtype")["dtype"]
+
+    def begin_weight_update(self, shapes: dict) -> None:
+        """Every name maps onto a parameter of SGLang's model that covers its shape (the probe's views, no
+        values read); ValueError naming the first that does not, before any bucket is sent."""
+        from er_sglang.weight_probe import sent_probe_mismatch
+
+        shapes = {name: [int(s) for s in shape] for name, shape in shapes.items()}
+        held = self.rpc("weights_probe", shapes=shapes, num_values=0)
+        empty = {name: {"shape": shape, "dtype": "float32", "values": []} for name, shape in shapes.items()}
+        reason = sent_probe_mismatch(empty, {n: {**v, "dtype": "float32"} for n, v in held.items()}, 0)
+        if reason:
+            raise ValueError(f"update_weights: {reason}")
+
+    def load_weights(self, named: list, last: bool) -> dict[str, float]:
+        """One bucket of (name, tensor) through SGLang's tensor path (tensors serialized by SGLang: CPU ones
+        through shared memory); the KV cache is flushed after the last. The draft re-quantizes lazily
+        before the next decode step (once per sync), so requant_s is that of the previous sync."""
+        return self._load(named, None, last)
+
+    def load_weights_serialized(self, payloads: list, last: bool) -> dict[str, float]:
+        """One bucket already serialized by the trainer (orchestrator/weight_transfer.pack_ipc: CUDA IPC
+        handles to a FlattenedTensorBucket, one payload per TP rank): SGLang's "flattened_bucket" format."""
+        return self._load(payloads, "flattened_bucket", last)
+
+    def _load(self, tensors: list, load_format: str | None, last: bool) -> dict[str, float]:
+        t0 = time.perf_counter()
+        ok, msg = self.engine.update_weights_from_tensor(tensors, load_format=load_format, flush_cache=last)
+        if not ok:
+            raise RuntimeError(f"update_weights_from_tensor failed: {msg}")
+        requant_s = float(self.rpc("stats")["last_requant_s"]) if (last and self.mode != "no-sd") else 0.0
+        return {"load_s": time.perf_counter() - t0, "requant_s": requant_s}
+
     def weights_checksum(self) -> str:
         """Fingerprint of the target's weights (float64 sum and L2 norm per parameter, SGLang names).
 

@@ -20,7 +20,7 @@ Hooks (target -> why):
            .update_weights_from_distributed: mark the draft stale (SGLang only updates the target).
     AROUND managers.scheduler.Scheduler.handle_rpc_request: method "er_spec" -> SelfSpecWorker.control
            (stats, forced gamma, end_rollout, policy state, draft checks; the target's weights:
-           "checksum", and "weights_probe" read back under HF names), JSON back in the reply's message.
+           "checksum", "weights_dtype", and "weights_probe" read back under HF names), JSON back in the reply's message.
 """
 from __future__ import annotations
 
@@ -99,6 +99,8 @@ def scheduler_op(scheduler, op: str, **kw) -> dict:
     model = scheduler.tp_worker.model_runner.model
     if op == "checksum":
         return {"checksum": weights_fingerprint(model)}
+    if op == "weights_dtype":
+        return {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if op == "weights_probe":
         from er_sglang.sglang.hf_weights import probe
 
