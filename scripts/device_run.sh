@@ -66,6 +66,12 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
         bench)  bench "${BACKEND:-flashinfer}" ;;
         bench_triton) bench triton ;;
         profile) profile "${BACKEND:-flashinfer}" ;;
+        gemv)   # int4/int8 weight-only GEMV kernels vs bf16 (scripts/bench_int4_gemv.py), budget <= GEMV_BUDGET s
+                gb=$(( $(left) - 45 )); [ "$gb" -gt "${GEMV_BUDGET:-300}" ] && gb=${GEMV_BUDGET:-300}
+                timeout "$(left)" python3 scripts/bench_int4_gemv.py --budget-s "$gb" ${GEMV_ARGS:-} \
+                    --json /tmp/res/bench_int4_gemv_h200.json --png "$OUT/bench_int4_gemv_h200.png" > "$OUT/gemv.log" 2>&1
+                el "gemv rc=$?"; grep -E "^device|^STEP M=.*(drafter_now|best_int4)|^GEMV .* skipped" "$OUT/gemv.log" | cut -c1-240
+                grep -m12 -E "^GEMV .* error |Traceback" "$OUT/gemv.log" | cut -c1-240 ;;
         stage)  mkdir -p /tmp/stage && cp -r .stage/c* /tmp/stage/ && el "staged: $(ls /tmp/stage | tr '\n' ' ')" ;;
         assemble) python3 scripts/accept_real.py assemble --stage /tmp/stage --out /tmp/q05 > "$OUT/assemble.log" 2>&1
                 el "assemble rc=$?"; tail -n 3 "$OUT/assemble.log" ;;
