@@ -33,7 +33,7 @@ from sglang.srt.speculative.spec_utils import get_plan_stream, sample_draft_prop
 from er_sglang.replay import ENV as REPLAY_ENV
 from er_sglang.replay import ReplayAccept
 from er_sglang.sglang.gamma import GammaChooser, build_policy, spec_from_env
-from er_sglang.sglang.graphs import build_states, set_spec_steps
+from er_sglang.sglang.graphs import build_states
 from er_sglang.sglang.marlin_int4 import draft_mode
 from er_sglang.sglang.selfdraft import SelfDrafter
 from er_sglang.sglang.stats import HostProfiler, StepTimer, WorkerStats
@@ -102,6 +102,7 @@ class SelfSpecWorker(EAGLEWorkerV2):
             logger.warning("REPLAYED ACCEPTANCE (%s): accept counts drawn from %s, placeholder tokens emitted; "
                            "for benchmarks only", REPLAY_ENV, self.replay.source)
         self._zeros = None  # zero top-k fields of _seed
+        self._flashinfer = server_args.attention_backend == "flashinfer"  # _plan_barrier
 
     # ---- scheduler lifecycle -------------------------------------------------------------------------
     def alloc_memory_pool(self, memory_pool_config=None, req_to_token_pool=None, token_to_kv_pool_allocator=None):
@@ -167,7 +168,7 @@ class SelfSpecWorker(EAGLEWorkerV2):
             new_seq_lens = batch.seq_lens + 1
             if on_publish is not None:
                 on_publish(new_seq_lens)
-            out = self._plain_decode(batch, new_seq_lens)
+            out = self._plain_decode(batch, new_seq_lens, grammar_barrier)
         else:
             draft_tokens, draft_probs = self._draft(batch, gamma)
             out = self._verify(batch, gamma, draft_tokens, draft_probs, grammar_barrier)
@@ -177,19 +178,30 @@ class SelfSpecWorker(EAGLEWorkerV2):
         self._pending.append((gamma, list(batch.reqs)))
         return out
 
-    def _plain_decode(self, batch, new_seq_lens) -> GenerationBatchResult:
+    def _plain_decode(self, batch, new_seq_lens, grammar_barrier=None) -> GenerationBatchResult:
         """gamma = 0: the target's decode step over the bonus token, exactly as SGLang decodes without spec."""
         mr = self.target_worker.model_runner
         bs = len(batch.reqs)
         start = self.timer.start()
         self._switch_gamma(0)
         fb = self._decode_batch(batch, batch.spec_info.bonus_tokens, 0, return_logprob=batch.return_logprob)
-        self._use(self.states["plain"])
+        plain = self.states["plain"]
+        view = plain.graph_runner.model_runner if plain.graph_runner is not None else None
+        self._plan_barrier(plain)
+        if view is not None:
+            view.war_fastpath_read_done_event = None  # set again only by this step's graph replay
+        self._use(plain)
         try:
             res = mr.forward(fb)
         finally:
             self._go_home()
+        if view is not None and res.can_run_graph:
+            # as plain decoding: the scheduler's WAR barrier waits on the graph's pre-replay read-done event
+            # (recorded on this state's runner view) instead of the whole forward (its coarse fallback)
+            mr.war_fastpath_read_done_event = view.war_fastpath_read_done_event
         logits = res.logits_output
+        if batch.has_grammar and grammar_barrier is not None:
+            grammar_barrier()  # overlap: the previous step's tokens reach the grammar FSM before its mask is built
         next_ids = mr.sample(logits, fb)
         if batch.return_logprob and logits.next_token_logprobs is not None:
             logits.next_token_logprobs = logits.next_token_logprobs.reshape(bs, 1)  # spec layout [B, accepted]
@@ -218,6 +230,7 @@ class SelfSpecWorker(EAGLEWorkerV2):
             with draft_mode():
                 for i in range(gamma):
                     fb = self._decode_batch(batch, tok, i, return_logprob=False)
+                    self._plan_barrier(self.states["draft"])
                     logits = mr.forward(fb).logits_output.next_token_logits  # [B, V], a view of a graph buffer
                     if info.is_all_greedy:
                         tok = torch.argmax(logits, dim=-1)
@@ -296,10 +309,28 @@ class SelfSpecWorker(EAGLEWorkerV2):
         return EagleDraftInput(bonus_tokens=bonus_tokens.to(torch.int32), topk_p=self._zeros[0][:bs],
                                topk_index=self._zeros[1][:bs], capture_hidden_mode=CaptureHiddenMode.NULL)
 
+    def _plan_barrier(self, state) -> None:
+        """flashinfer: wait until the GPU has taken this state's previous plan before planning again.
+
+        A graph replay plans on the host (fast_decode_plan) into the wrapper's page-locked buffer and enqueues
+        an async copy of it; nothing syncs, so with the GPU behind, the next plan into the same wrapper (the
+        next draft step, or the next gamma = 0 step after the early publish) could overwrite the buffer before
+        the copy ran. SGLang's DecodeCudaGraphRunner.execute records an event right after that copy
+        (war_fastpath_read_done_event, on this state's runner view): waiting on it keeps the host at most one
+        step ahead without idling the GPU (the previous step's graph is already queued)."""
+        if not self._flashinfer or state.graph_runner is None:
+            return
+        view = state.graph_runner.model_runner
+        event = getattr(view, "war_fastpath_read_done_event", None)
+        if event is not None:
+            event.synchronize()
+            view.war_fastpath_read_done_event = None
+
     def _switch_gamma(self, gamma: int) -> None:
         if gamma != self.speculative_num_steps:
+            # SGLang's published spec steps are read only when backends and graphs are built (build_states
+            # sets them per state); overriding them per switch would only grow its override log without bound
             self.speculative_num_steps, self.speculative_num_draft_tokens = gamma, gamma + 1
-            set_spec_steps(gamma)
 
     @staticmethod
     def _mean_seq(batch) -> float:
