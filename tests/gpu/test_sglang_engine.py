@@ -172,6 +172,36 @@ def test_weights_probe_reads_back_the_sent_weights_under_hf_names(eng, tiny_path
     assert probe_mismatch(new, got_orig) is not None
 
 
+def test_bucketed_cuda_ipc_handoff_loads_exactly_and_the_draft_follows(eng, tiny_path):
+    """sync.transport=cuda_ipc as one colocated trainer rank does it (orchestrator/weight_transfer.py): names and
+    shapes checked first, then buckets of GPU tensors in the engine's dtype handed over as CUDA IPC handles
+    (SGLang's flattened_bucket format), the KV cache flushed after the last; the probe reads them back exactly
+    and the draft re-quantizes before the next decode step."""
+    from er_sglang.weight_probe import PROBE_NUM_VALUES, probe_mismatch
+    from orchestrator.weight_transfer import pack_ipc, plan_buckets
+
+    orig, new = _perturbed_state_dict(tiny_path, 0.5)
+    shapes = {k: list(v.shape) for k, v in new.items()}
+    dtype = getattr(torch, eng.weights_dtype())
+    eng.begin_weight_update(shapes)
+    with pytest.raises(ValueError, match="update_weights: "):
+        eng.begin_weight_update({**shapes, "model.nope.weight": [4]})
+    buckets = plan_buckets(list(shapes.items()), dtype, 256 * 1024)
+    timings = []
+    for i, names in enumerate(buckets):
+        bucket, payloads = pack_ipc([(n, new[n].float().to(dtype)) for n in names], eng.tp_size)
+        timings.append(eng.load_weights_serialized(payloads, last=i == len(buckets) - 1))
+        del bucket  # the engine has loaded it: the trainer rank's release_bucket
+    probe = eng.weights_probe(shapes, PROBE_NUM_VALUES)
+    eng.generate([PROMPT], SamplingParams(max_new_tokens=8), ignore_eos=True)  # the draft refreshes first
+    check = eng.rpc("draft_check")
+    record("weights_ipc", {"num_buckets": len(buckets), "timings": timings, "draft_check": check,
+                           "mismatch": probe_mismatch(new, probe)})
+    eng.update_weights(orig)
+    assert len(buckets) > 1 and probe_mismatch(new, probe) is None
+    assert check["all_equal"]
+
+
 def test_sleep_wake_memory(eng):
     """Records device memory around sleep/wake; the draft must be valid (re-quantized) after wake."""
     free0 = torch.cuda.mem_get_info()[0]
