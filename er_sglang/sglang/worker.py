@@ -20,6 +20,7 @@ import time
 from collections import deque
 
 import torch
+from sglang.srt.layers.sampler import multinomial_with_seed
 from sglang.srt.managers.scheduler import GenerationBatchResult
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
@@ -39,6 +40,7 @@ from er_sglang.sglang.selfdraft import SelfDrafter
 from er_sglang.sglang.stats import HostProfiler, StepTimer, WorkerStats
 
 logger = logging.getLogger(__name__)
+DRAFT_SEED_SALT = 0x5EED_D4AF_7E11_0001  # draft noise keys apart from the target's and the verify's
 
 
 class _DraftSide:
@@ -235,14 +237,26 @@ class SelfSpecWorker(EAGLEWorkerV2):
                     if info.is_all_greedy:
                         tok = torch.argmax(logits, dim=-1)
                     else:  # q = softmax(logits / T); x ~ q. The verify needs exactly this q.
-                        q, _, x = sample_draft_proposal(logits, info.temperatures)
+                        q, tok = self._draft_sample(logits, info, fb.positions)
                         probs.append(q)
-                        tok = x.view(-1)
                     tokens.append(tok)
         finally:
             self._go_home()
         self.timer.stop(start, "draft", gamma, bs)
         return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if probs else None)
+
+    @staticmethod
+    def _draft_sample(logits, info, positions):
+        """(q [B, V], x [B]) with x ~ q. With per-request seeds (sglang.enable_deterministic_inference) the
+        draft's Gumbel noise is keyed by (seed ^ DRAFT_SEED_SALT, position, token id), as SGLang's own seeded
+        sampler keys the target's by (seed, position, token id) and its verify coins by (seed, L, column): a
+        request's draft draws no longer depend on the batch around it. Unseeded: SGLang's fast_sample."""
+        if info.sampling_seed is None:
+            q, _, x = sample_draft_proposal(logits, info.temperatures)
+            return q, x.view(-1)
+        q = torch.softmax(logits / info.temperatures, dim=-1)
+        x = multinomial_with_seed(torch.log(q), info.sampling_seed ^ DRAFT_SEED_SALT, positions)
+        return q, x.view(-1)
 
     def _verify(self, batch, gamma, draft_tokens, draft_probs, grammar_barrier) -> GenerationBatchResult:
         """The target over [x_0, x_1..x_gamma] (TARGET_VERIFY graph of width gamma+1) + chain rejection sampling."""
