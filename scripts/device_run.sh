@@ -5,6 +5,9 @@
 #     run(command="STEPS='marlin engine modes bench' bash scripts/device_run.sh", carry=[".kitcache"])
 # Real model (Qwen2.5-Coder-0.5B, scripts/accept_real.py stage): eight calls, one chunk each, within the warm
 # window: run(command="STEPS=stage bash scripts/device_run.sh", carry=[".stage/cNN"]); then STEPS='assemble real'.
+# er-train (issue 11): bash scripts/stage_pydeps.sh here; there STEPS=pydeps twice (carry .pydeps/c0, then
+# .pydeps/c1: Ray in two halves, omegaconf, prompt files), then STEPS=train TRAIN_MODES=no-sd (one mode per
+# call: a call is <= 10 min) and STEPS=train_resume (SIGKILL after a checkpoint, resume=auto).
 # install: the kit (.whl, built by ../shared/device-kit/build.sh with SLIM=1 FLASHINFER=1) into /tmp/site
 # and an import check of the worker. Other steps restore the prebuilt JIT caches (.kitcache/*.tgz, copied
 # from ../shared/device-kit/cache) on first use, run within LIMIT seconds and leave in $OUT: logs and
@@ -56,6 +59,9 @@ profile() {  # profile BACKEND: torch-profiler traces of SD (B x gamma) and plai
     grep -m8 -E "Error|error|Traceback" "$OUT/profile_$1.log" | cut -c1-300
     (cd /tmp/traces && find . -name "*_b1[-_]*trace.json.gz" -size -7M | head -4 | tar czf "$OUT/traces_$1.tgz" -T -)
 }
+raystop() {  # a run killed by timeout/SIGKILL leaves Ray's daemons: the next run must start clean
+    pkill -9 -f "ray/core/src/ray" 2>/dev/null; pkill -9 -f "ray::" 2>/dev/null; pkill -9 -f sglang 2>/dev/null; sleep 2
+}
 for s in $STEPS; do
     case $s in
         install) timeout 120 python3 -c "import sglang.srt.managers.scheduler; import er_sglang.sglang.worker, \
@@ -76,6 +82,41 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
         assemble) python3 scripts/accept_real.py assemble --stage /tmp/stage --out /tmp/q05 > "$OUT/assemble.log" 2>&1
                 el "assemble rc=$?"; tail -n 3 "$OUT/assemble.log" ;;
         real)   pt real tests/gpu/test_real_model.py "${REAL_CAP:-}" ;;
+        pydeps) # Ray (two halves) + omegaconf + jsonschema + prompt files (scripts/stage_pydeps.sh); installs once whole
+                mkdir -p /tmp/pydeps && cp -r .pydeps/c*/. /tmp/pydeps/ 2>/dev/null
+                if [ -f /tmp/pydeps/ray.part0 ] && [ -f /tmp/pydeps/ray.part1 ] && [ ! -f /tmp/.pydeps_done ]; then
+                    w=$(awk '{print $2}' /tmp/pydeps/ray.sha256)
+                    cat /tmp/pydeps/ray.part0 /tmp/pydeps/ray.part1 > "/tmp/pydeps/$w"
+                    (cd /tmp/pydeps && sha256sum -c ray.sha256) && python3 -m pip install -q --no-index --no-deps \
+                        --no-compile --upgrade --target /tmp/site /tmp/pydeps/*.whl 2>&1 | tail -2 && touch /tmp/.pydeps_done
+                    python3 -c "import ray, omegaconf; print('ray', ray.__version__, 'omegaconf', omegaconf.__version__)"
+                fi
+                el "pydeps: $(ls /tmp/pydeps | tr '\n' ' ') done=$([ -f /tmp/.pydeps_done ] && echo yes || echo no)" ;;
+        train)  # issue 11: er-train on the staged 0.5B (/tmp/q05) per mode in TRAIN_MODES, GSM8K from pydeps
+                for m in ${TRAIN_MODES:-no-sd}; do
+                    rm -rf "/tmp/runs/$m"; mkdir -p /tmp/res/train
+                    timeout "$(( $(left) - 25 ))" setsid python3 -m orchestrator.cli \
+                        "configs/experiments/qwen2.5-coder-0.5b/$m.yaml" "run_dir=/tmp/runs/$m" logging.wandb=disabled \
+                        data.train=/tmp/pydeps/gsm8k_train.jsonl ${TRAIN_ARGS:-} > "$OUT/train_$m.log" 2>&1
+                    el "train $m rc=$?"; tail -n 28 "$OUT/train_$m.log" | cut -c1-250
+                    cp "/tmp/runs/$m/metrics.jsonl" "/tmp/res/train/$m.jsonl" 2>/dev/null; raystop
+                done ;;
+        train_resume) # SIGKILL the whole run once step RESUME_KILL_AFTER's checkpoint exists, then resume=auto
+                m=${RESUME_MODE:-argmax}; d=/tmp/runs/resume_$m; k=${RESUME_KILL_AFTER:-2}; rm -rf "$d"
+                mkdir -p /tmp/res/train
+                setsid python3 -m orchestrator.cli "configs/experiments/qwen2.5-coder-0.5b/$m.yaml" "run_dir=$d" \
+                    logging.wandb=disabled data.train=/tmp/pydeps/gsm8k_train.jsonl "checkpoint.every=$k" \
+                    "train.num_steps=$(( k + 2 ))" ${TRAIN_ARGS:-} > "$OUT/resume_first.log" 2>&1 &
+                pid=$!
+                while kill -0 "$pid" 2>/dev/null && [ ! -f "$d/checkpoints/step_$(printf %06d "$k")/state.json" ] \
+                    && [ "$(left)" -gt 120 ]; do sleep 2; done
+                kill -9 -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null; raystop
+                el "killed after checkpoint step $k: $(ls "$d/checkpoints" 2>/dev/null | tr '\n' ' ')"
+                cp "$d/metrics.jsonl" /tmp/res/train/resume_${m}_first.jsonl 2>/dev/null
+                timeout "$(( $(left) - 20 ))" setsid python3 -m orchestrator.cli "run_dir=$d" resume=auto \
+                    > "$OUT/resume_second.log" 2>&1
+                el "resume rc=$?"; tail -n 12 "$OUT/resume_second.log" | cut -c1-250
+                cp "$d/metrics.jsonl" /tmp/res/train/resume_${m}.jsonl 2>/dev/null; raystop ;;
     esac
 done
 tar czf "$OUT/res.tgz" -C /tmp res
