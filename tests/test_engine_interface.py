@@ -266,3 +266,33 @@ def test_sglang_begin_weight_update_checks_names_and_shapes_on_its_model():
         engine.begin_weight_update({**shapes, "model.layers.0.mlp.up_proj.weight": [rows + 1, cols]})
     with pytest.raises(ValueError, match=r"^update_weights: model\.nope\.weight: the engine holds no such parameter"):
         engine.begin_weight_update({**shapes, "model.nope.weight": [2]})
+
+
+def test_sglang_warmup_decodes_at_every_candidate_gamma_and_puts_the_state_back():
+    calls, engine = [], object.__new__(SGLangEngine)
+    engine.mode, engine._num_calls, forced = "argmax", 7, {"gamma": None}
+    policy = {"state": {"accept_rate_prev": 0.9}}
+
+    def rpc(op, **kw):
+        calls.append((op, kw))
+        if op == "set_gamma":
+            forced["gamma"] = None if kw["gamma"] < 0 else kw["gamma"]
+        if op == "load_policy_state":
+            policy["state"] = kw["state"]
+        return {"candidates": [0, 1, 3], "policy": dict(policy["state"]), "num_steps": 0}
+
+    def generate(prompts, params, **extra):
+        engine._num_calls += 1
+        policy["state"] = {"accept_rate_prev": 0.1}  # what warm-up decoding does to the live policy
+        calls.append(("generate", forced["gamma"], extra))
+        return []
+
+    engine.rpc, engine.generate = rpc, generate
+    engine.stats = lambda reset=False: calls.append(("stats", reset))
+    assert engine.warmup() >= 0
+    assert [c[1] for c in calls if c[0] == "generate"] == [0, 1, 3]
+    assert all(c[2] == {"ignore_eos": True} for c in calls if c[0] == "generate")
+    assert forced["gamma"] is None and policy["state"] == {"accept_rate_prev": 0.9}
+    assert ("stats", True) in calls and engine._num_calls == 7
+    engine.mode = "no-sd"
+    assert engine.warmup() == 0.0

@@ -145,8 +145,30 @@ class SGLangEngine:
         from er_sglang.models import ALIASES, resolve_model_path
 
         path = str(_get(cfg, "model.path"))  # an alias -> its converted dir; anything else goes to SGLang as is
-        return cls(str(resolve_model_path(path)) if path in ALIASES else path, spec,
-                   {**run_server_args(cfg), **sglang_args})
+        engine = cls(str(resolve_model_path(path)) if path in ALIASES else path, spec,
+                     {**run_server_args(cfg), **sglang_args})
+        engine.warmup()
+        return engine
+
+    def warmup(self, max_new_tokens: int = 12) -> float:
+        """Decode a little at every candidate gamma (forced), so that SGLang's Triton kernels specialized on
+        the verify width (reject sampling's NUM_SLOTS, the cache-location widths) compile now and not inside
+        the first rollout that picks that gamma (seconds each; cached on disk afterwards). The policy state,
+        the worker's stats and the seed counter are put back. Returns seconds (0 for no-sd)."""
+        if self.mode == "no-sd":
+            return 0.0
+        t0, state, calls = time.perf_counter(), self.policy_state(), self._num_calls
+        try:
+            for gamma in self.rpc("stats")["candidates"]:
+                self.rpc("set_gamma", gamma=int(gamma))
+                self.generate([[11, 12, 13, 14], [21, 22, 23]], SamplingParams(max_new_tokens=max_new_tokens),
+                              ignore_eos=True)
+        finally:
+            self.rpc("set_gamma", gamma=-1)
+            self.load_policy_state(state)
+            self.stats(reset=True)
+            self._num_calls = calls
+        return time.perf_counter() - t0
 
     def _spec_server_args(self) -> dict:
         cands = candidate_gammas(self.mode, self.spec["gamma"], self.spec["gamma_ladder"],
