@@ -26,6 +26,8 @@ SPEC_MODES = ("no-sd", "rtn", "toggle", "adaptive", "argmax")
 ENGINES = ("reference", "sglang")
 DTYPES = ("float32", "bfloat16", "float16")
 DRAFTER_BACKENDS = ("auto", "torchao", "rtn")
+DRAFT_HEADS = ("shared", "int8", "int4")  # spec.draft_head (er_sglang/draft_vocab.py)
+DRAFT_KERNELS = ("marlin", "tinygemm", "gemlite")  # spec.draft_kernel (er_sglang/sglang/int4_kernels.py)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -77,6 +79,8 @@ class SpecConfig:
     probe_every: int = 256  # argmax: one smallest-gamma probe after this many plain steps (0: never)
     draft_vocab: int = 0  # draft head scores only the K most frequent token ids, q = 0 elsewhere (0: all)
     draft_vocab_counts: str = "soft"  # what ranks them: target p summed over emitted positions, or token counts
+    draft_head: str = "shared"  # the draft head's rows: the target's (shared), int8 or int4 (RTN g128) copies
+    draft_kernel: str = "marlin"  # GPU kernel of the int4 draft linears (CPU: torchao's int4)
 
     def __post_init__(self):
         _require(self.mode in SPEC_MODES, "spec.mode", f"one of {SPEC_MODES}", self.mode)
@@ -102,6 +106,9 @@ class SpecConfig:
                  self.draft_vocab)
         _require(self.draft_vocab_counts in ("soft", "tokens"), "spec.draft_vocab_counts",
                  "one of ('soft', 'tokens')", self.draft_vocab_counts)
+        _require(self.draft_head in DRAFT_HEADS, "spec.draft_head", f"one of {DRAFT_HEADS}", self.draft_head)
+        _require(self.draft_kernel in DRAFT_KERNELS, "spec.draft_kernel", f"one of {DRAFT_KERNELS}",
+                 self.draft_kernel)
         if self.bs_max is not None:
             _require(self.bs_max >= 0, "spec.bs_max", "an int >= 0 or null", self.bs_max)
         if self.mode in ("toggle", "adaptive", "argmax"):
@@ -156,6 +163,7 @@ class RolloutJob:
         _require(self.engine in ENGINES, "engine", f"one of {ENGINES}", self.engine)
         if self.sglang and self.engine != "sglang":
             raise ConfigError("sglang: only used with engine=sglang; remove it or set engine=sglang")
+        _check_spec_on_engine(self.spec, self.engine)
         vocab = _known_vocab_size(self.model.path) if self.spec.draft_vocab else None
         if vocab is not None:  # else the engine checks it once the model is on disk
             _require(self.spec.draft_vocab <= vocab, "spec.draft_vocab",
@@ -163,6 +171,21 @@ class RolloutJob:
 
 
 BAD_INPUT = (ConfigError, ValueError, FileNotFoundError)
+
+
+def _check_spec_on_engine(spec: SpecConfig, engine: str) -> None:
+    """Draft-head settings the SGLang worker lacks (er_sglang/sglang/draft_head.py) are refused, not ignored."""
+    if engine != "sglang" or spec.mode == "no-sd":
+        return
+    if spec.draft_vocab and spec.draft_vocab_counts == "soft":
+        raise ConfigError("spec.draft_vocab_counts: 'soft' runs on engine=reference only (the SGLang worker "
+                          "counts tokens); set spec.draft_vocab_counts=tokens with engine=sglang")
+    # the worker reads both keys (er_sglang/sglang/draft_head.py), but SGLangEngine.from_config does not pass
+    # them to it yet: refused rather than run the shared full head silently
+    if spec.draft_vocab or spec.draft_head != "shared":
+        key = "spec.draft_vocab" if spec.draft_vocab else "spec.draft_head"
+        raise ConfigError(f"{key}: not passed to the SGLang worker yet (er_sglang/sglang/engine.py from_config); "
+                          "use engine=reference, or spec.draft_vocab=0 and spec.draft_head=shared")
 
 
 def _known_vocab_size(model_path: str) -> int | None:

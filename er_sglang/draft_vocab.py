@@ -1,7 +1,7 @@
 """A reduced draft vocabulary (`spec.draft_vocab` = K; issue 9): the draft head scores only K token ids.
 
 The draft's logits are x @ W[ids]^T over K gathered rows of the lm_head (kept with the draft in the
-target's dtype, re-gathered in place when the weights or the subset change); q = softmax over those K
+target's dtype or quantized, re-gathered in place when the weights or the subset change); q = softmax over those K
 logits, and q = 0 on every other id. Chain rejection sampling stays exact for any proposal q: a draft
 token (always inside the subset) is accepted w.p. min(1, p(x)/q(x)), and on rejection the residual
 normalize(max(p - q, 0)) equals p outside the subset, so a target token outside it is still emitted with
@@ -22,6 +22,12 @@ Refresh: the subset is rebuilt at the first generate() (cold start: that call's 
 first generate() after each weight update, from all counts so far including that call's prompts; the
 head's rows are re-gathered from the new lm_head then. Between refreshes it is fixed, so one rollout's
 draft head never changes mid-rollout.
+
+Head quantization (`spec.draft_head`, composable with K): "shared" (default) = the rows as the target holds
+them (K = 0: the target's own head, nothing copied); "int8" = per-output-row symmetric int8 weight-only;
+"int4" = RTN g128 asymmetric, the draft linears' quantization. Only q changes (the verify stays exact);
+the rows are re-quantized whenever they are re-gathered (Drafter.requantize after a weight update, a new
+subset). Bytes at Qwen2.5-7B shapes: docs/benchmarks.md §9.
 """
 from __future__ import annotations
 
@@ -109,35 +115,65 @@ class DraftVocab:
 
 
 class SubsetHead(nn.Module):
-    """The draft's lm_head over a subset: hidden [..., H] -> logits [..., K] = hidden @ W[ids]^T (+ b[ids]).
+    """The draft's lm_head over rows `ids` of the full head: hidden [..., H] -> logits [..., K] = hidden @ W[ids]^T (+ b[ids]).
 
-    `weight` [K, H] is a gathered copy of K rows of the full head's weight (its dtype: the draft head is
-    not quantized); `full` is the full head (not a submodule: its weight is the target's and stays counted
-    there). `regather` writes into the existing buffers, so storages (and CUDA graphs on them) stay valid.
+    quant (spec.draft_head): "shared" keeps `weight` [K, H], a gathered copy in the full head's dtype (the rows
+    are the target's values); "int8" / "int4" keep `linear`, those rows quantized (drafter.quantize_head:
+    per-row symmetric int8, or the draft linears' int4 RTN g`group_size`). `ids` may be every id (a quantized
+    full head, `is_subset` False). `full` is the full head (not a submodule: its weight is the target's and
+    stays counted there). `regather` writes into the existing buffers, so storages (and CUDA graphs on them)
+    stay valid.
     """
 
-    def __init__(self, full: nn.Linear, ids: torch.Tensor):
+    def __init__(self, full: nn.Linear, ids: torch.Tensor, quant: str = "shared", group_size: int = 128,
+                 backend: str = "rtn"):
         super().__init__()
         self.__dict__["full"] = full
+        self.quant, self.group_size, self.backend = quant, group_size, backend
         ids = ids.to(device=full.weight.device, dtype=torch.int64)
         bias = getattr(full, "bias", None)
         with torch.inference_mode(False):  # built inside generate(): normal tensors, so regather can copy_ later
             self.register_buffer("ids", ids.clone())
-            self.register_buffer("weight", full.weight.detach().index_select(0, self.ids).clone())
+            rows = full.weight.detach().index_select(0, self.ids)
+            self.register_buffer("weight", rows.clone() if quant == "shared" else None)
             self.register_buffer("bias", None if bias is None else bias.detach().index_select(0, self.ids).clone())
+            if quant == "shared":
+                self.linear = None
+            else:
+                from er_sglang.drafter import quantize_head  # drafter imports this module
+
+                self.linear = quantize_head(rows, quant, group_size, backend)
+
+    @property
+    def is_subset(self) -> bool:
+        return self.ids.numel() < self.full.weight.shape[0]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight, self.bias)
+        if self.linear is None:
+            return F.linear(hidden, self.weight, self.bias)
+        logits = self.linear(hidden)
+        return logits if self.bias is None else logits + self.bias
+
+    def nbytes(self) -> int:
+        """Bytes the head reads per step as stored (codes + scales/zeros; not rtn's dequantized cache)."""
+        if self.linear is None:
+            return self.weight.nbytes
+        return sum(t.nbytes for t in self.linear.packed_tensors())
 
     @torch.no_grad()
     def regather(self, ids: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> None:
-        """Copy rows `ids` (default: the current ones) of `weight` (default: the full head's) in place."""
+        """Copy rows `ids` (default: the current ones) of `weight` (default: the full head's) in place,
+        re-quantizing them for a quantized head."""
         if ids is not None:
             if ids.numel() != self.ids.numel():
                 raise ValueError(f"{KEY}: subset of {ids.numel()} ids for a head of {self.ids.numel()} rows")
             self.ids.copy_(ids)
         source = self.full.weight if weight is None else weight
-        self.weight.copy_(source.detach().to(self.weight.device).index_select(0, self.ids))
+        rows = source.detach().to(self.ids.device).index_select(0, self.ids)
+        if self.linear is None:
+            self.weight.copy_(rows)
+        else:
+            self.linear.refresh(rows)
         if self.bias is not None:
             self.bias.copy_(self.full.bias.detach().index_select(0, self.ids))
 
@@ -145,13 +181,17 @@ class SubsetHead(nn.Module):
 def install_subset_head(model: nn.Module, ids: torch.Tensor) -> SubsetHead:
     """Make `model`'s output head score only `ids` (an HF causal LM: get/set_output_embeddings).
 
-    A head of the same K is re-gathered in place; a different K replaces it (built from the full head).
+    A head of the same K is re-gathered in place; a different K replaces it (built from the full head,
+    quantized as the head it replaces: spec.draft_head, installed by build_drafter).
     """
     head = model.get_output_embeddings()
     if isinstance(head, SubsetHead) and head.ids.numel() == ids.numel():
         head.regather(ids)
         return head
-    sub = SubsetHead(head.full if isinstance(head, SubsetHead) else head, ids)
+    if isinstance(head, SubsetHead):
+        sub = SubsetHead(head.full, ids, head.quant, head.group_size, head.backend)
+    else:
+        sub = SubsetHead(head, ids)
     model.set_output_embeddings(sub)
     return sub
 
@@ -159,4 +199,4 @@ def install_subset_head(model: nn.Module, ids: torch.Tensor) -> SubsetHead:
 def subset_ids(model: nn.Module) -> torch.Tensor | None:
     """ids [K] of `model`'s subset head, or None when it scores the full vocabulary."""
     head = model.get_output_embeddings()
-    return head.ids if isinstance(head, SubsetHead) else None
+    return head.ids if isinstance(head, SubsetHead) and head.is_subset else None

@@ -201,6 +201,64 @@ class TorchaoInt4Linear(nn.Module):
         return [self.weight.qdata, self.weight.scale_and_zero]
 
 
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (codes int8 [N, K], scales fp32 [N]): per-output-channel symmetric, torchao's affine
+    primitives (what its int8 weight-only config runs): s = max|w_n| / 127.5, q = clamp(round(w / s), -128, 127)."""
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+    w = w.detach().float()
+    block = (1, w.shape[1])
+    scales, zeros = choose_qparams_affine(w, MappingType.SYMMETRIC, block, torch.int8, -128, 127,
+                                          eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32,
+                                          zero_point_dtype=torch.int64)
+    return quantize_affine(w, block, scales, zeros, torch.int8, -128, 127), scales
+
+
+class Int8Linear(nn.Module):
+    """y = x @ w_hat^T + b, w_hat = q·s (per output row): int8 weight-only, the draft head's spec.draft_head=int8.
+
+    Buffers: qweight int8 [N, K], scales fp32 [N], w_hat [N, K] in the weight's dtype (the cache, as
+    RtnInt4Linear's: CPU correctness, not speed). group_size is unused (kept for the int4 modules' interface).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None, group_size: int = 0):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = weight.shape[1], weight.shape[0], group_size
+        codes, scales = quantize_int8(weight)
+        self.register_buffer("qweight", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("w_hat", (codes.float() * scales[:, None]).to(weight.dtype))
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w_hat.to(x.dtype), self.bias)
+
+    @torch.no_grad()
+    def refresh(self, weight: torch.Tensor) -> None:
+        codes, scales = quantize_int8(weight.to(self.qweight.device))
+        self.qweight.copy_(codes)
+        self.scales.copy_(scales)
+        self.w_hat.copy_(codes.float() * scales[:, None])
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales[:, None]
+
+    def packed_tensors(self) -> list[torch.Tensor]:
+        return [self.qweight, self.scales]
+
+
+def quantize_head(rows: torch.Tensor, quant: str, group_size: int, backend: str) -> nn.Module:
+    """The draft head's rows [K, H] quantized for spec.draft_head: "int8" (Int8Linear) or "int4" (the draft
+    linears' RTN: torchao's kernel where the drafter uses it and [K, H] fits it, else rtn; same codes)."""
+    if quant == "int8":
+        return Int8Linear(rows, None)
+    if quant != "int4":
+        raise ValueError(f"spec.draft_head: expected one of ('shared', 'int8', 'int4'), got {quant!r}")
+    g = choose_group_size(rows.shape[1], group_size)
+    cls = TorchaoInt4Linear if backend == "torchao" and torchao_fits(rows, g) else RtnInt4Linear
+    return cls(rows, None, g)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The drafter
 # ---------------------------------------------------------------------------------------------------
@@ -237,8 +295,8 @@ class Drafter:
         state_dict None: every linear from the target's current weights (the caller loaded them).
         state_dict given (HF names, e.g. one weight-update bucket): only the linears whose
         "<name>.weight" is in it, from those tensors. Storages never change, so CUDA graphs captured
-        on them stay valid; biases are the target's own Parameters and need no refresh. A reduced draft
-        head (spec.draft_vocab: draft_vocab.install_subset_head) re-gathers its K rows of the lm_head too.
+        on them stay valid; biases are the target's own Parameters and need no refresh. A draft head
+        (spec.draft_vocab / spec.draft_head: draft_vocab.SubsetHead) re-gathers and re-quantizes its rows too.
         """
         start = time.perf_counter()
         for e in self._entries:
@@ -275,8 +333,10 @@ class Drafter:
         for e in self._entries:
             fresh = type(e.draft)(e.target.weight, None, e.draft.group_size)
             num_equal += all(torch.equal(a, b) for a, b in zip(_live_tensors(e.draft), _live_tensors(fresh)))
-        return {"num_linears": len(self._entries), "num_equal": num_equal,
-                "all_equal": num_equal == len(self._entries)}
+        head = self.model.get_output_embeddings()
+        head_equal = not isinstance(head, SubsetHead) or _head_equal(head)  # spec.draft_head / draft_vocab
+        return {"num_linears": len(self._entries), "num_equal": num_equal, "head_equal": head_equal,
+                "all_equal": num_equal == len(self._entries) and head_equal}
 
     def weight_bytes(self) -> dict:
         """Bytes of the decoder linears (target at its own dtype vs int4 packed) and of shared tensors.
@@ -299,15 +359,24 @@ class Drafter:
             "draft_linear_bytes": draft_bytes,
             "draft_cache_bytes": cache_bytes,
             "shared_bytes": sum(shared.values()),
-            "draft_head_bytes": head.weight.nbytes if isinstance(head, SubsetHead) else 0,  # K gathered rows
+            "draft_head_bytes": head.nbytes() if isinstance(head, SubsetHead) else 0,  # K rows, as stored
             "ratio": draft_bytes / target_bytes,
             "ratio_vs_bf16": draft_bytes / (2 * target_numel),
         }
 
 
 def _live_tensors(draft: nn.Module) -> list[torch.Tensor]:
-    """The tensors a quantized linear's forward depends on (packed codes, scales, and rtn's cache)."""
-    return draft.packed_tensors() + ([draft.w_hat] if isinstance(draft, RtnInt4Linear) else [])
+    """The tensors a quantized linear's forward depends on (packed codes, scales, and rtn's/int8's cache)."""
+    return draft.packed_tensors() + ([draft.w_hat] if isinstance(draft, (RtnInt4Linear, Int8Linear)) else [])
+
+
+def _head_equal(head: SubsetHead) -> bool:
+    """Does the draft head hold the full head's current rows `ids` (shared) or their fresh quantization?"""
+    rows = head.full.weight.detach().index_select(0, head.ids)
+    if head.linear is None:
+        return torch.equal(head.weight, rows)
+    fresh = type(head.linear)(rows, None, head.linear.group_size)
+    return all(torch.equal(a, b) for a, b in zip(_live_tensors(head.linear), _live_tensors(fresh)))
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -336,11 +405,13 @@ def _resolve_backend(backend: str, linears: list[tuple[str, nn.Linear]], group_s
     return "rtn"
 
 
-def build_drafter(target: nn.Module, group_size: int = 128, backend: str = "auto") -> Drafter:
+def build_drafter(target: nn.Module, group_size: int = 128, backend: str = "auto", head: str = "shared") -> Drafter:
     """Int4 self-drafter of an HF causal LM (Llama/Qwen2 layout: model.layers[i].{self_attn,mlp}.*_proj).
 
     The copy shares every target parameter and buffer (deepcopy memo maps them to themselves), then
     each decoder nn.Linear is swapped for an int4 module quantized from the target's weight.
+    head (spec.draft_head): "shared" = the target's lm_head; "int8" / "int4" = a quantized copy of all its
+    rows (a SubsetHead over every id; spec.draft_vocab later narrows it to K rows, quantized the same way).
     """
     linears = _decoder_linears(target)
     if not linears:
@@ -357,4 +428,8 @@ def build_drafter(target: nn.Module, group_size: int = 128, backend: str = "auto
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, draft)
         entries.append(_Entry(name, lin, draft))
+    if head != "shared":
+        full = model.get_output_embeddings()
+        all_ids = torch.arange(full.weight.shape[0])
+        model.set_output_embeddings(SubsetHead(full, all_ids, quant=head, group_size=group_size, backend=backend))
     return Drafter(target, model, entries, backend)

