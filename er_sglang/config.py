@@ -180,12 +180,6 @@ def _check_spec_on_engine(spec: SpecConfig, engine: str) -> None:
     if spec.draft_vocab and spec.draft_vocab_counts == "soft":
         raise ConfigError("spec.draft_vocab_counts: 'soft' runs on engine=reference only (the SGLang worker "
                           "counts tokens); set spec.draft_vocab_counts=tokens with engine=sglang")
-    # the worker reads both keys (er_sglang/sglang/draft_head.py), but SGLangEngine.from_config does not pass
-    # them to it yet: refused rather than run the shared full head silently
-    if spec.draft_vocab or spec.draft_head != "shared":
-        key = "spec.draft_vocab" if spec.draft_vocab else "spec.draft_head"
-        raise ConfigError(f"{key}: not passed to the SGLang worker yet (er_sglang/sglang/engine.py from_config); "
-                          "use engine=reference, or spec.draft_vocab=0 and spec.draft_head=shared")
 
 
 def _known_vocab_size(model_path: str) -> int | None:

@@ -137,16 +137,28 @@ def test_config_draft_head_bad_value_is_one_line_error(capsys):
     assert len(err) == 1 and err[0].startswith("error: spec.draft_head: expected one of")
 
 
-def test_config_draft_head_sglang_refuses_what_the_worker_lacks():
+def test_config_draft_head_sglang_refuses_soft_counts_and_passes_the_keys_to_the_worker(tmp_path):
     with pytest.raises(ConfigError, match=r"^spec.draft_vocab_counts: 'soft' runs on engine=reference only"):
-        load_config(RolloutJob, ["engine=sglang", "spec.draft_vocab=16384"])
-    for head in ("int8", "int4"):
-        with pytest.raises(ConfigError, match=r"^spec.draft_head: not passed to the SGLang worker yet"):
-            load_config(RolloutJob, ["engine=sglang", f"spec.draft_head={head}"])
-    with pytest.raises(ConfigError, match=r"^spec.draft_vocab: not passed to the SGLang worker yet"):
-        load_config(RolloutJob, ["engine=sglang", "spec.draft_vocab=16384", "spec.draft_vocab_counts=tokens"])
+        load_config(RolloutJob, ["engine=sglang", "spec.mode=argmax", "spec.draft_vocab=16384"])
     assert load_config(RolloutJob, ["spec.draft_head=int8", "spec.draft_vocab=16384"]).spec.draft_head == "int8"
     assert load_config(RolloutJob, ["engine=sglang", "spec.mode=no-sd", "spec.draft_head=int8"]).engine == "sglang"
+    from er_sglang.sglang.engine import SGLangEngine
+
+    started = {}
+
+    class _Captured(SGLangEngine):  # from_config's spec dict, no SGLang started
+        def __init__(self, model_path, spec, sglang_args=None):
+            started.update(spec=spec, path=model_path)
+
+        def warmup(self, max_new_tokens=12):
+            return 0.0
+
+    for head in ("int8", "int4"):
+        cfg = load_config(RolloutJob, ["engine=sglang", "spec.mode=argmax", f"spec.draft_head={head}",
+                                       f"model.path={tmp_path}"])
+        _Captured.from_config(cfg)
+        assert started["spec"]["draft_head"] == head and started["spec"]["draft_vocab"] == 0
+        assert "draft_vocab_always" not in started["spec"]  # no tokenizer loaded without a subset
 
 
 # ---- the SGLang worker's draft head (er_sglang/sglang/draft_head.py): its plain-torch path on CPU ----------------

@@ -135,8 +135,11 @@ class SGLangEngine:
                 "gamma_ladder": [int(g) for g in _get(cfg, "spec.gamma_ladder", (5, 7, 9, 11))],
                 "roofline": _get(cfg, "spec.roofline") or _get(cfg, "roofline.path"),
                 "timing": bool(_get(cfg, "spec.timing", False)), "bs_max": _get(cfg, "spec.bs_max"),
+                "draft_kernel": str(_get(cfg, "spec.draft_kernel", "marlin")),
                 "policy": {k: _plain(_get(cfg, f"spec.{k}")) for k in POLICY_KEYS
-                           if _get(cfg, f"spec.{k}") is not None}}
+                           if _get(cfg, f"spec.{k}") is not None},
+                "draft_vocab": int(_get(cfg, "spec.draft_vocab", 0) or 0),
+                "draft_head": str(_get(cfg, "spec.draft_head", "shared"))}
         sglang_args = _get(cfg, "sglang", {}) or {}
         if not isinstance(sglang_args, dict):
             from omegaconf import OmegaConf
@@ -145,7 +148,14 @@ class SGLangEngine:
         from er_sglang.models import ALIASES, resolve_model_path
 
         path = str(_get(cfg, "model.path"))  # an alias -> its converted dir; anything else goes to SGLang as is
-        engine = cls(str(resolve_model_path(path)) if path in ALIASES else path, spec,
+        path = str(resolve_model_path(path)) if path in ALIASES else path
+        if spec["draft_vocab"]:  # stop and special tokens are always drafted (as the reference engine does)
+            from er_sglang.models import load_tokenizer, model_info
+
+            tokenizer = load_tokenizer(path)
+            spec["draft_vocab_always"] = sorted(set(model_info(path, tokenizer).stop_token_ids)
+                                                | set(tokenizer.all_special_ids))
+        engine = cls(path, spec,
                      {**run_server_args(cfg), **sglang_args})
         engine.warmup()
         return engine
