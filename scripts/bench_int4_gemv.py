@@ -7,8 +7,10 @@
 Every int4 variant computes y = x @ w_hat^T, x [M, K], for ONE quantization: marlin_int4.quantize_rtn (torchao
 RTN, asymmetric uint4, group 128: q [N, K], scale s [N, K/128] bf16, integer zero z), w_hat = (q - z) * s,
 repacked per kernel: bf16 (F.linear = cuBLAS, the target's cost), marlin (the drafter's own _int4_buffers +
-_marlin_apply), tinygemm (aten._weight_int4pack_mm: w = (q - 8) * s + zf, zf = (8 - z) * s rounded to bf16),
-gemlite (A16W4 Triton, (q - z) * s; gemlite_fma: q * s + (-z * s)), exllama (sgl_kernel.gptq_gemm, fp16 only,
+_marlin_apply), tinygemm (aten._weight_int4pack_mm: w = (q - 8) * s + zf, zf = (8 - z) * s rounded to bf16; the
+drafter's spec.draft_kernel=tinygemm runs this kernel on torchao's tinygemm RTN instead: same bytes and time),
+gemlite (A16W4 Triton, (q - z) * s, the drafter's gemlite_buffers + gemlite_apply; gemlite_fma: q * s + (-z * s)),
+exllama (sgl_kernel.gptq_gemm, fp16 only,
 GPTQ v1 zeros z - 1: a group with z = 0 cannot be stored), awq_triton (sglang's Triton AWQ GEMM, split-K 8,
 fp16 only: it accumulates in the scales' dtype). int8 (per-row absmax, for the lm_head): int8_torch
 (aten._weight_int8pack_mm), gemlite_w8 (A16W8).
@@ -42,6 +44,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from er_sglang.sglang import int4_kernels as ik
 from er_sglang.sglang import marlin_int4 as mi
 
 GROUP = mi.GROUP_SIZE
@@ -85,8 +88,7 @@ def pack_cols(v: torch.Tensor, order: list[int]) -> torch.Tensor:
 
 def tinygemm_scales_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """Integer zero z -> tinygemm's float zero: (q - z) * s = (q - 8) * s + (8 - z) * s. -> [K/g, N, 2] bf16."""
-    zf = ((8 - zero.float()) * scale.float()).to(torch.bfloat16)
-    return torch.stack([scale.to(torch.bfloat16), zf], -1).transpose(0, 1).contiguous()
+    return ik.tinygemm_qparams(scale, ((8 - zero.float()) * scale.float()).to(torch.bfloat16))
 
 
 def tinygemm_dequant(q: torch.Tensor, sz: torch.Tensor, group: int = GROUP) -> torch.Tensor:
@@ -148,13 +150,12 @@ def build_tinygemm(L: Layer) -> Built:
     dev = (tinygemm_dequant(L.q, sz) - L.w_hat.float()).abs()  # the bf16 rounding of (8 - z) * s
     info = {"max_abs_dev_vs_rtn": float(dev.max()),
             "max_dev_over_scale": float((dev.reshape(L.q.shape[0], -1, GROUP) / L.s.float().unsqueeze(-1)).max())}
-    if L.w.is_cuda:  # CUDA takes two codes per byte (even column high); the CPU op takes int32 codes
-        packed = torch.ops.aten._convert_weight_to_int4pack((L.q[:, ::2] << 4 | L.q[:, 1::2]).contiguous(), 8)
-        mm = torch.ops.aten._weight_int4pack_mm
-    else:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(L.q.to(torch.int32), 8)
-        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-    return Built({"w": packed, "sz": sz}, lambda t: lambda x: mm(x, t["w"], GROUP, t["sz"]), L.w_hat, info=info)
+    n, k = L.q.shape
+
+    def make(t):
+        b = dict(t, n=n, k=k, group_size=GROUP)
+        return lambda x: ik.tinygemm_apply(b, x, None)
+    return Built({"qweight": ik.tinygemm_pack_codes(L.q), "scales_zeros": sz}, make, L.w_hat, info=info)
 
 
 def _gemlite_built(lin, w_ref: torch.Tensor) -> Built:
@@ -166,25 +167,21 @@ def _gemlite_built(lin, w_ref: torch.Tensor) -> Built:
                  w_ref, info={"meta_args": meta})
 
 
-def _gemlite_setup():
-    """gemlite ships autotune caches per GPU name; H200 has none, so take the H100's (same SM 9.0)."""
-    import gemlite
+def build_gemlite(L: Layer) -> Built:
+    b = ik.gemlite_buffers(L.w, GROUP)  # exactly the drafter's buffers and call: fma_mode=False, (q - z) * s
 
-    if not _gemlite_setup.done:
-        gemlite.load_config(os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json"))
-        _gemlite_setup.done = True
-    return gemlite
-
-
-_gemlite_setup.done = False
+    def make(t):
+        bufs = dict(b, **t)
+        return lambda x: ik.gemlite_apply(bufs, x, None)
+    return Built({k: b[k] for k in ik.GEMLITE_PACKED}, make, L.w_hat, info={"meta_args": b["meta"]})
 
 
-def build_gemlite(L: Layer, fma: bool = False) -> Built:
-    g = _gemlite_setup()
+def build_gemlite_fma(L: Layer) -> Built:
+    g = ik.gemlite_setup()
     n, k = L.q.shape
     lin = g.GemLiteLinear(4, group_size=GROUP, in_features=k, out_features=n,
                           input_dtype=g.DType.BF16, output_dtype=g.DType.BF16)
-    lin.pack(L.q, L.s, L.z.to(torch.bfloat16), bias=None, fma_mode=fma)  # fma_mode=False: (q - z) * s
+    lin.pack(L.q, L.s, L.z.to(torch.bfloat16), bias=None, fma_mode=True)  # q * s + (-z * s)
     return _gemlite_built(lin, L.w_hat)
 
 
@@ -197,7 +194,7 @@ def build_int8_torch(L: Layer) -> Built:
 def build_gemlite_w8(L: Layer) -> Built:
     from gemlite.helper import A16W8_INT8
 
-    _gemlite_setup()
+    ik.gemlite_setup()
     w8, s = int8_rowwise(L.w)
     lin = A16W8_INT8(device=str(L.w.device), dtype=torch.bfloat16).from_weights(w8, scales=s.view(-1, 1))
     return _gemlite_built(lin, w8.float() * s.float()[:, None])
@@ -229,7 +226,7 @@ def build_awq_triton(L: Layer) -> Built:
 VARIANTS = {
     "bf16": ("bf16", build_bf16), "marlin": ("int4", build_marlin), "tinygemm": ("int4", build_tinygemm),
     "gemlite": ("int4", build_gemlite), "int8_torch": ("int8", build_int8_torch),
-    "gemlite_w8": ("int8", build_gemlite_w8), "gemlite_fma": ("int4", lambda L: build_gemlite(L, fma=True)),
+    "gemlite_w8": ("int8", build_gemlite_w8), "gemlite_fma": ("int4", build_gemlite_fma),
     "exllama": ("int4", build_exllama), "awq_triton": ("int4", build_awq_triton),
 }
 

@@ -13,7 +13,9 @@ target verify ("verify") and, at gamma = 0, the plain decode step ("decode"). On
 batch B count. AR: plain SGLang (no speculation) in a second engine of the same run.
 ms_per_step_wall = (T(N+1 tokens) - T(1 token)) / steps, wall clock with the prompt cached, for both; the
 gamma = 0 vs AR comparison uses it. Points run in priority order (S=2048 first) until --limit-s; the JSON
-is rewritten after every point.
+is rewritten after every point. --draft-kernel (spec.draft_kernel: marlin, tinygemm, gemlite) picks the int4
+kernel of the draft linears; every record names it in `variant` (AR records: "ar", no drafter), and `table`
+takes several runs' JSON files, one row per variant (r against the AR of whichever file has it).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ sys.path.insert(0, ROOT)
 ROOFLINE = os.path.join(ROOT, "configs", "roofline", "a100_tp1_qwen2.5-7b.json")
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
 GAMMAS = [0, 1, 2, 3, 5, 7]
+KERNELS = ("marlin", "tinygemm", "gemlite")  # spec.draft_kernel (er_sglang/sglang/int4_kernels.KERNELS)
 
 
 def cmd_make(args) -> None:
@@ -56,7 +59,8 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.t0 = time.time()
-        self.out = {"device": None, "backend": args.backend, "records": [],
+        self.variant = getattr(args, "draft_kernel", "marlin")  # spec.draft_kernel of the SD engine
+        self.out = {"device": None, "backend": args.backend, "variant": self.variant, "records": [],
                     "meta": {"cmd": " ".join(sys.argv), "max_total_num_tokens": {}}}
 
     def left(self) -> float:
@@ -99,20 +103,23 @@ class Bench:
         # graphs for every gamma at every B (bs_max): the benchmark maps the whole B x gamma plane
         spec = {"mode": "argmax", "gamma": 3, "gamma_ladder": [g for g in self.args.gammas if g > 0],
                 "policy": {"argmax_gammas": [g for g in self.args.gammas if g > 0]},
-                "roofline": ROOFLINE, "timing": True, "bs_max": max(self.args.batches)}
+                "roofline": ROOFLINE, "timing": True, "bs_max": max(self.args.batches),
+                "draft_kernel": self.variant}
         t = time.time()
         eng = SGLangEngine(self.args.model, spec, self.sglang_args())
         info = eng.engine.get_server_info()
         st = eng.rpc("stats")
         self.out["meta"]["max_total_num_tokens"]["argmax"] = info.get("max_total_num_tokens")
-        self.out["meta"]["sd"] = {"startup_s": round(time.time() - t, 1), "int4_bytes": st["int4_bytes"],
+        self.out["meta"]["sd"] = {"startup_s": round(time.time() - t, 1), "draft_kernel": self.variant,
+                                  "int4_bytes": st["int4_bytes"],
                                   "num_int4_linears": st["num_int4_linears"], "graphs": st["graphs"],
                                   "graph_init_s": st["graph_init_s"],
                                   "requant_s": [eng.rpc("requantize")["requant_s"] for _ in range(3)]}
         self.save()
         try:
+            reserve = self.args.ar_reserve_s if "ar" in getattr(self.args, "parts", ["ar"]) else 0.0
             for s, b in self.points():
-                if self.left() < 20 + self.args.ar_reserve_s:
+                if self.left() < 20 + reserve:
                     break
                 if not self.fits(eng, s, b, 8 * 12 + 8):
                     continue
@@ -134,7 +141,7 @@ class Bench:
         st = eng.rpc("stats", reset=True)
         ms = {k["kind"]: k["ms"] for k in st["timing"] if k["gamma"] == g and k["batch"] == b}
         nsteps = {k["kind"]: k["n"] for k in st["timing"] if k["gamma"] == g and k["batch"] == b}
-        rec = {"mode": "sd", "gamma": g, "batch": b, "seq": s, "backend": self.args.backend,
+        rec = {"mode": "sd", "variant": self.variant, "gamma": g, "batch": b, "seq": s, "backend": self.args.backend,
                "ms_per_step": ms.get("step"), "t_draft_ms": ms.get("draft", 0.0),
                "t_draft_step_ms": ms["draft"] / g if g and "draft" in ms else None,
                "t_verify_ms": ms.get("verify"), "t_decode_ms": ms.get("decode"), "num_steps": nsteps.get("step"),
@@ -161,7 +168,7 @@ class Bench:
                 self.timed(eng, prompts, 1)
                 t1 = min(self.timed(eng, prompts, 1) for _ in range(2))
                 tn = self.timed(eng, prompts, n + 1)
-                rec = {"mode": "ar", "gamma": 0, "batch": b, "seq": s, "backend": self.args.backend,
+                rec = {"mode": "ar", "variant": "ar", "gamma": 0, "batch": b, "seq": s, "backend": self.args.backend,
                        "ms_per_step": 1e3 * (tn - t1) / n,
                        "ms_per_step_wall": 1e3 * (tn - t1) / n, "t_draft_ms": 0.0, "t_verify_ms": None,
                        "device": self.out["device"]}
@@ -196,7 +203,8 @@ class Profiler(Bench):
                 break
             size = os.path.getsize(found[0]) if found else -1
             time.sleep(2)
-        rec = {"name": name, "trace": path, "summary": summarize(load(path), self.args.steps) if path else None}
+        rec = {"name": name, "variant": "ar" if name.startswith("ar_") else self.variant, "trace": path,
+               "summary": summarize(load(path), self.args.steps) if path else None}
         self.out["records"].append(rec)
         self.save()
         print("PROFILE", name, json.dumps({k: v for k, v in (rec["summary"] or {}).items()
@@ -207,7 +215,7 @@ class Profiler(Bench):
 
         spec = {"mode": "argmax", "gamma": 3, "gamma_ladder": [g for g in self.args.gammas if g > 0],
                 "policy": {"argmax_gammas": [g for g in self.args.gammas if g > 0]},
-                "roofline": ROOFLINE, "bs_max": max(self.args.batches)}
+                "roofline": ROOFLINE, "bs_max": max(self.args.batches), "draft_kernel": self.variant}
         eng = SGLangEngine(self.args.model, spec, self.sglang_args())
         try:
             for b in self.args.batches:
@@ -285,22 +293,29 @@ def cmd_plot(args) -> None:
 
 
 def cmd_table(args) -> None:
-    """Markdown: per (S, B, gamma) the SD step (CUDA events), the AR step (wall), r and verify / AR."""
-    _, recs = _rows(args.json)
+    """Markdown: per (S, B, variant, gamma) the SD step (CUDA events), the AR step (wall), r = draft step / AR,
+    r_plain = draft step / the SD engine's own gamma = 0 decode step (no AR run needed) and verify / AR, over one
+    or more runs' JSON files (records written before `variant` existed ran Marlin)."""
+    recs = [r for path in args.json for r in _rows(path)[1]]
     ar = {(r["seq"], r["batch"]): r["ms_per_step"] for r in recs if r["mode"] == "ar"}
+    sd = [dict(r, variant=r.get("variant", "marlin")) for r in recs if r["mode"] == "sd"]
+    plain = {(r["seq"], r["batch"], r["variant"]): r.get("t_decode_ms") for r in sd if r["gamma"] == 0}
+
     def f(x):
         return "" if x is None else f"{x:.3f}"
 
-    print("| S | B | gamma | ms/step | AR ms | step/AR | t_draft_step ms | r = draft step/AR "
-          "| t_verify ms | verify/AR |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted((r for r in recs if r["mode"] == "sd"), key=lambda r: (r["seq"], r["batch"], r["gamma"])):
-        t_ar = ar.get((r["seq"], r["batch"]))
-        def ratio(x, t_ar=t_ar):
-            return x / t_ar if t_ar and x else None
-        print(f"| {r['seq']} | {r['batch']} | {r['gamma']} | {f(r['ms_per_step'])} | "
-              f"{f(t_ar)} | {f(ratio(r['ms_per_step']))} | {f(r.get('t_draft_step_ms'))} | "
-              f"{f(ratio(r.get('t_draft_step_ms')))} | {f(r['t_verify_ms'])} | {f(ratio(r['t_verify_ms']))} |")
+    def ratio(x, t):
+        return x / t if t and x else None
+
+    print("| S | B | variant | gamma | ms/step | AR ms | step/AR | t_draft_step ms | r = draft step/AR "
+          "| r_plain | t_verify ms | verify/AR |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(sd, key=lambda r: (r["seq"], r["batch"], r["variant"], r["gamma"])):
+        t_ar, t_plain = ar.get((r["seq"], r["batch"])), plain.get((r["seq"], r["batch"], r["variant"]))
+        draft = r.get("t_draft_step_ms")
+        print(f"| {r['seq']} | {r['batch']} | {r['variant']} | {r['gamma']} | {f(r['ms_per_step'])} | "
+              f"{f(t_ar)} | {f(ratio(r['ms_per_step'], t_ar))} | {f(draft)} | {f(ratio(draft, t_ar))} | "
+              f"{f(ratio(draft, t_plain))} | {f(r['t_verify_ms'])} | {f(ratio(r['t_verify_ms'], t_ar))} |")
 
 
 def main(argv=None) -> None:
@@ -318,6 +333,7 @@ def main(argv=None) -> None:
     r.add_argument("--backend", default="flashinfer", choices=["flashinfer", "triton", "fa3"])
     r.add_argument("--limit-s", type=float, default=540.0)
     r.add_argument("--ar-reserve-s", type=float, default=100.0)
+    r.add_argument("--draft-kernel", default="marlin", choices=KERNELS, help="spec.draft_kernel of the SD engine")
     pr = sub.add_parser("profile")
     pr.add_argument("--model", default="/tmp/q7")
     pr.add_argument("--json", required=True)
@@ -328,12 +344,12 @@ def main(argv=None) -> None:
     pr.add_argument("--parts", type=lambda x: x.split(","), default=["ar", "sd"])
     pr.add_argument("--backend", default="flashinfer", choices=["flashinfer", "triton", "fa3"])
     pr.add_argument("--steps", type=int, default=16)
+    pr.add_argument("--draft-kernel", default="marlin", choices=KERNELS, help="spec.draft_kernel of the SD engine")
     pr.add_argument("--limit-s", type=float, default=540.0)
-    for name in ("plot", "table"):
-        q = sub.add_parser(name)
-        q.add_argument("--json", required=True)
-        if name == "plot":
-            q.add_argument("--png", required=True)
+    q = sub.add_parser("plot")
+    q.add_argument("--json", required=True)
+    q.add_argument("--png", required=True)
+    sub.add_parser("table").add_argument("--json", required=True, nargs="+", help="one or more runs' JSON")
     args = p.parse_args(argv)
     {"make": cmd_make, "run": cmd_run, "profile": cmd_profile, "plot": cmd_plot,
      "table": cmd_table}[args.cmd](args)

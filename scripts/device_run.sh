@@ -43,13 +43,15 @@ pt() {  # pt NAME FILE [CAP_S]: one pytest process per file (an engine failure k
     timeout "$lim" python3 -m pytest -p no:cacheprovider -q -s -m gpu -rA -x "$2" > "$OUT/pytest_$1.log" 2>&1
     el "pytest $1 rc=$?"; grep -E "PASS|FAIL|ERROR|passed|failed|error|Error" "$OUT/pytest_$1.log" | tail -n 25 | cut -c1-400
 }
-bench() {  # bench BACKEND
-    python3 scripts/bench_step.py make --model /tmp/q7 > "$OUT/bench_$1.log" 2>&1
-    local blim=$(( $(left) - 15 - ${BENCH_LEAVE:-0} ))
+bench() {  # bench BACKEND [KERNEL [SHARES]]: spec.draft_kernel=KERNEL (marlin), 1/SHARES of the time left
+    local tag=$1; [ "${2:-marlin}" != marlin ] && tag=$1_$2
+    python3 scripts/bench_step.py make --model /tmp/q7 > "$OUT/bench_$tag.log" 2>&1
+    local blim=$(( ($(left) - 15 - ${BENCH_LEAVE:-0}) / ${3:-1} ))
     timeout "$(( blim + 10 ))" python3 scripts/bench_step.py run --model /tmp/q7 --limit-s "$blim" --backend "$1" \
-        --json "/tmp/res/bench_step_h200_$1.json" ${BENCH_ARGS:-} >> "$OUT/bench_$1.log" 2>&1
-    el "bench $1 rc=$?"; grep -E "^(SD|AR) " "$OUT/bench_$1.log" | cut -c1-260 | tail -n 70
-    grep -m8 -E "Error|error|Traceback" "$OUT/bench_$1.log" | cut -c1-300
+        --draft-kernel "${2:-marlin}" --json "/tmp/res/bench_step_h200_$tag.json" ${BENCH_ARGS:-} \
+        >> "$OUT/bench_$tag.log" 2>&1
+    el "bench $tag rc=$?"; grep -E "^(SD|AR) " "$OUT/bench_$tag.log" | cut -c1-260 | tail -n 70
+    grep -m8 -E "Error|error|Traceback" "$OUT/bench_$tag.log" | cut -c1-300
 }
 profile() {  # profile BACKEND: torch-profiler traces of SD (B x gamma) and plain SGLang, summarized
     python3 scripts/bench_step.py make --model /tmp/q7 > "$OUT/profile_$1.log" 2>&1
@@ -67,9 +69,13 @@ for s in $STEPS; do
         install) timeout 120 python3 -c "import sglang.srt.managers.scheduler; import er_sglang.sglang.worker, \
 er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&1 | tail -n 15 ;;
         marlin) pt marlin tests/gpu/test_marlin_int4.py ;;
+        int4k)  pt int4k tests/gpu/test_int4_kernels.py "${INT4K_CAP:-}" ;;  # spec.draft_kernel: marlin, tinygemm, gemlite
+        dhead)  pt dhead tests/gpu/test_draft_head.py "${DHEAD_CAP:-}" ;;  # spec.draft_vocab / draft_head (4 engines)
         engine) pt engine tests/gpu/test_sglang_engine.py "${ENGINE_CAP:-}" ;;
         modes)  pt modes tests/gpu/test_sglang_modes.py "${MODES_CAP:-}" ;;
-        bench)  bench "${BACKEND:-flashinfer}" ;;
+        bench)  # BENCH_KERNELS="marlin tinygemm gemlite": one run per draft kernel, the time left shared equally
+                n=$(echo ${BENCH_KERNELS:-marlin} | wc -w)
+                for k in ${BENCH_KERNELS:-marlin}; do bench "${BACKEND:-flashinfer}" "$k" "$n"; n=$(( n - 1 )); done ;;
         bench_triton) bench triton ;;
         profile) profile "${BACKEND:-flashinfer}" ;;
         gemv)   # int4/int8 weight-only GEMV kernels vs bf16 (scripts/bench_int4_gemv.py), budget <= GEMV_BUDGET s
@@ -117,6 +123,16 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                     > "$OUT/resume_second.log" 2>&1
                 el "resume rc=$?"; tail -n 12 "$OUT/resume_second.log" | cut -c1-250
                 cp "$d/metrics.jsonl" /tmp/res/train/resume_${m}.jsonl 2>/dev/null; raystop ;;
+        calibrate) # issue 12: er-calibrate per shape in CAL_SHAPES (configs/shapes/NAME, random weights), each
+                # within CAL_BUDGET s of measuring -> /tmp/res/h200_tp1_NAME.json (+ .png, .records.json)
+                for n in ${CAL_SHAPES:-qwen2.5-7b}; do  # a shape name, or a model dir (e.g. /tmp/q05)
+                    m="configs/shapes/$n"; [ -d "$n" ] && m=$n && n=$(basename "$n")
+                    cb=$(( $(left) - 90 )); [ "$cb" -gt "${CAL_BUDGET:-480}" ] && cb=${CAL_BUDGET:-480}
+                    timeout "$(( $(left) - 10 ))" python3 -m er_sglang.calibrate --model "$m" \
+                        --random-weights --name "$n" --budget-s "$cb" --backend "${BACKEND:-flashinfer}" --force \
+                        --out "/tmp/res/h200_tp1_$n.json" ${CAL_ARGS:-} > "$OUT/calibrate_$n.log" 2>&1
+                    el "calibrate $n rc=$?"; tail -n 20 "$OUT/calibrate_$n.log" | cut -c1-250
+                done ;;
     esac
 done
 tar czf "$OUT/res.tgz" -C /tmp res

@@ -13,6 +13,7 @@ Execution: Marlin `scalar_types.uint4` with zero points (the AWQ-Marlin path of 
 its bf16 weight and gains `er_int4` buffers; inside `draft_mode()` it runs those instead (SelfDraftMethod),
 so embeddings, norms, rotary tables, lm_head and the attention layers (hence the KV pool) are shared. Re-quantization after a weight update writes the new
 packed weight / scales / zeros into the existing buffers with `copy_` (captured graphs keep pointers).
+Marlin is spec.draft_kernel's default; int4_kernels.py runs the twins with tinygemm or gemlite instead.
 
 Helpers quantize_rtn (torchao), dequantize_rtn, pack_* import no SGLang; the kernel side does, lazily.
 """
@@ -93,7 +94,7 @@ _DRAFT = {"on": False}  # set by draft_mode(); read by SelfDraftMethod at trace/
 
 
 class draft_mode:
-    """Context manager: every self-draft linear runs its int4 Marlin weight instead of the target's.
+    """Context manager: every self-draft linear runs its int4 twin (spec.draft_kernel) instead of the target's.
 
     The flag is read in Python, so a CUDA graph captured inside the context holds the int4 kernels and one
     captured outside holds the target's: the graph, not the flag, decides at replay.
@@ -126,14 +127,16 @@ def _marlin_apply(b: dict, x: torch.Tensor, bias: torch.Tensor | None) -> torch.
 
 class SelfDraftMethod:
     """quant_method of a TARGET linear that also holds its int4 draft: the target's own method outside
-    draft_mode(), the Marlin int4 GEMM of `layer.er_int4` inside it (one module, two weights)."""
+    draft_mode(), the int4 GEMM `int4_apply(layer.er_int4, x, bias)` inside it (one module, two weights).
+    int4_apply is Marlin's here; int4_kernels.py gives the other spec.draft_kernel choices."""
 
-    def __init__(self, target_method):
+    def __init__(self, target_method, int4_apply=None):
         self.target_method = target_method
+        self.int4_apply = int4_apply or _marlin_apply
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if _DRAFT["on"]:
-            return _marlin_apply(layer.er_int4, x, bias)
+            return self.int4_apply(layer.er_int4, x, bias)
         return self.target_method.apply(layer, x, bias)
 
     def __getattr__(self, name):  # everything else (process_weights_after_loading, ...) is the target's
@@ -159,9 +162,16 @@ def attach_draft_int4(layer, group_size: int = GROUP_SIZE) -> int:
 
     The target weight and method stay; `layer.quant_method` becomes a SelfDraftMethod around them."""
     layer.er_int4 = _int4_buffers(layer.weight.data, group_size)
-    if not isinstance(layer.quant_method, SelfDraftMethod):
-        layer.quant_method = SelfDraftMethod(layer.quant_method)
+    install_draft_method(layer, _marlin_apply)
     return _num_bytes(layer.er_int4)
+
+
+def install_draft_method(layer, int4_apply) -> None:
+    """layer.quant_method becomes (or stays, with its int4 GEMM replaced) a SelfDraftMethod around the target's."""
+    if isinstance(layer.quant_method, SelfDraftMethod):
+        layer.quant_method.int4_apply = int4_apply
+    else:
+        layer.quant_method = SelfDraftMethod(layer.quant_method, int4_apply)
 
 
 @torch.no_grad()

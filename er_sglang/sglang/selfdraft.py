@@ -1,7 +1,8 @@
 """The int4 self-drafter inside SGLang: int4 RTN twins of the target's decoder linears, kept fresh.
 
-attach()      quantize every eligible decoder linear of the target model (torchao RTN, g=128, asymmetric,
-              Marlin layout) into buffers on that same module; embeddings, lm_head, norms stay shared.
+attach()      quantize every eligible decoder linear of the target model (RTN, g=128, asymmetric, packed for
+              spec.draft_kernel: marlin | tinygemm | gemlite, int4_kernels.py) into buffers on that same module;
+              embeddings, lm_head, norms stay shared.
 mark_stale()  after any weight update path; the next decode step re-quantizes first (lazily, once per sync,
               however many buckets the update came in).
 requantize()  writes into the existing buffers (copy_), so captured CUDA graphs stay valid.
@@ -13,13 +14,15 @@ import time
 
 import torch
 
-from er_sglang.sglang.marlin_int4 import GROUP_SIZE, attach_draft_int4, marlin_pack, requant_int4_
+from er_sglang.sglang import int4_kernels as ik
+from er_sglang.sglang.marlin_int4 import GROUP_SIZE
 
 logger = logging.getLogger(__name__)
 
 
 def eligible(module) -> bool:
-    """A decoder linear Marlin can take: 2-D weight, K % 128 == 0, N % 64 == 0; not the lm_head/embeddings."""
+    """A decoder linear Marlin can take (tinygemm and gemlite too): 2-D weight, K % 128 == 0, N % 64 == 0; not the
+    lm_head/embeddings."""
     from sglang.srt.layers.linear import LinearBase
 
     w = getattr(module, "weight", None)
@@ -27,9 +30,15 @@ def eligible(module) -> bool:
             and w.shape[1] % GROUP_SIZE == 0 and w.shape[0] % 64 == 0)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class SelfDrafter:
-    def __init__(self, model):
+    def __init__(self, model, kernel: str | None = None):
         self.model = model
+        self.kernel = ik.get_kernel(kernel or ik.kernel_from_env())  # spec.draft_kernel
         self.linears: list[tuple[str, torch.nn.Module]] = []
         self.int4_bytes = 0
         self.requant_s = 0.0
@@ -41,11 +50,16 @@ class SelfDrafter:
         t0 = time.perf_counter()
         for name, mod in self.model.named_modules():
             if eligible(mod):
-                self.int4_bytes += attach_draft_int4(mod)
+                self.int4_bytes += ik.attach(mod, self.kernel)
                 self.linears.append((name, mod))
-        torch.cuda.synchronize()
-        logger.info("self-draft: %d linears with int4 twins (%.3f GB), %.2f s", len(self.linears),
-                    self.int4_bytes / 1e9, time.perf_counter() - t0)
+        _sync()
+        logger.info("self-draft: %d linears with int4 twins (%s, %.3f GB), %.2f s", len(self.linears),
+                    self.kernel.name, self.int4_bytes / 1e9, time.perf_counter() - t0)
+
+    def warmup(self, batch_sizes) -> int:
+        """One eager int4 call per linear shape and batch size (gemlite compiles / autotunes there). SGLang's graph
+        runner already runs eager forwards before each capture; this is for graphs captured elsewhere."""
+        return ik.warmup(self.kernel, [mod.er_int4 for _, mod in self.linears], batch_sizes)
 
     def mark_stale(self) -> None:
         self.is_stale = True
@@ -57,11 +71,11 @@ class SelfDrafter:
     @torch.no_grad()
     def requantize(self) -> float:
         """Re-quantize every twin from its linear's current weight, in place; returns seconds."""
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         for _, mod in self.linears:
-            requant_int4_(mod, mod.weight.data)
-        torch.cuda.synchronize()
+            ik.requant_(mod, mod.weight.data, self.kernel)
+        _sync()
         self.requant_s = time.perf_counter() - t0
         self.num_requant += 1
         self.is_stale = False
@@ -70,9 +84,6 @@ class SelfDrafter:
     @torch.no_grad()
     def check(self) -> dict:
         """Do the twins equal a fresh quantization of the current weights (bitwise)?"""
-        num_equal = 0
-        for _, mod in self.linears:
-            fresh = marlin_pack(mod.weight.data)
-            num_equal += all(torch.equal(mod.er_int4[k], fresh[k]) for k in ("qweight", "scales", "zeros"))
+        num_equal = sum(ik.is_fresh(mod, self.kernel) for _, mod in self.linears)
         return {"num_linears": len(self.linears), "num_equal": num_equal,
                 "all_equal": num_equal == len(self.linears), "is_stale": self.is_stale}
