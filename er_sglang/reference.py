@@ -25,7 +25,7 @@ from er_sglang.sampling import (
     verify,
     verify_greedy,
 )
-from er_sglang.weight_probe import probe_tensor
+from er_sglang.weight_probe import probe_tensor, tied_aliases
 
 
 @dataclass
@@ -134,8 +134,10 @@ class ReferenceEngine:
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
     def begin_weight_update(self, shapes: dict[str, list[int]]) -> None:
-        """Same names and shapes as the model's state dict (all of them); ValueError naming the first offender."""
-        _check_shapes(self.model.state_dict(), shapes)
+        """Same names and shapes as the model's state dict (all of them but tied aliases, which follow their
+        parameter); ValueError naming the first offender."""
+        aliases = tied_aliases(self.model)
+        _check_shapes({k: v for k, v in self.model.state_dict().items() if k not in aliases or k in shapes}, shapes)
 
     def load_weights(self, named: list[tuple[str, torch.Tensor]], last: bool) -> dict[str, float]:
         """One bucket copied in place (names and shapes checked by begin_weight_update); after the last, the

@@ -44,6 +44,13 @@ def probe_tensor(tensor: torch.Tensor, shape, num_values: int) -> dict:
     return {"dtype": dtype, "shape": shape, "values": cut[index].double().cpu().tolist()}
 
 
+def tied_aliases(model) -> set[str]:
+    """State-dict names that alias a parameter already listed under another name (a tied lm_head): a sync
+    sends each tensor once, under its parameter name, and the tie carries it to the alias."""
+    named = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k for k in model.state_dict() if k not in named}
+
+
 def shard_probe(local: torch.Tensor, full_shape, row_offset: int, dtype: torch.dtype, num_values: int) -> dict:
     """Trainer side, one rank: of the full tensor's probe positions (probe_index over `full_shape`), those in
     this rank's dim-0 shard (rows row_offset.., FSDP2's layout; a 0-dim tensor: rank 0 holds it), as

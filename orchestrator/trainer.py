@@ -319,8 +319,12 @@ class FSDPTrainer:
 
     # ---- weight handoff to the engines (orchestrator/weight_transfer.py) --------------------------------
     def weight_shapes(self) -> list[tuple[str, list[int]]]:
-        """(name, full shape) of every state-dict entry, in state-dict order (the same on every rank)."""
-        return [(k, list(v.shape)) for k, v in self.model.state_dict().items()]
+        """(name, full shape) of every state-dict entry but tied aliases (a tied lm_head is sent once, as the
+        embedding), in state-dict order (the same on every rank)."""
+        from er_sglang.weight_probe import tied_aliases
+
+        aliases = tied_aliases(self.model)
+        return [(k, list(v.shape)) for k, v in self.model.state_dict().items() if k not in aliases]
 
     @torch.no_grad()
     def weights_finite(self) -> bool:

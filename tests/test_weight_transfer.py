@@ -16,6 +16,7 @@ from er_sglang.weight_probe import (
     sent_probe,
     sent_probe_mismatch,
     shard_probe,
+    tied_aliases,
 )
 from orchestrator import weight_sync
 from orchestrator.actors import RolloutActor
@@ -217,3 +218,23 @@ def test_sync_keys_validate_and_auto_picks_the_transport():
     assert resolve_transport(gpu) == "cuda_ipc"
     gpu.cluster.placement = "split"
     assert resolve_transport(gpu) == "object_store"
+
+
+def test_a_tied_head_is_sent_once_and_follows_its_embedding(no_ray):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tied():
+        cfg = LlamaConfig(vocab_size=48, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg).eval()
+
+    engine = ReferenceEngine(tied(), SpecPolicy("no-sd"))
+    assert tied_aliases(engine.model) == {"lm_head.weight"}
+    new = {k: v for k, v in _new_weights(engine, 8).items() if k != "lm_head.weight"}
+    trainers = [_ShardTrainer(new, r, 2) for r in range(2)]
+    sync = weight_sync.WeightSync(trainers, [_Engine(engine)], verify_every=1)
+    assert sync.sync()["sync/verified"] == 1.0
+    held = engine.model.state_dict()
+    assert torch.equal(held["lm_head.weight"], new["model.embed_tokens.weight"])
+    assert engine.model.lm_head.weight.data_ptr() == engine.model.model.embed_tokens.weight.data_ptr()
