@@ -80,7 +80,9 @@ class SpecConfig:
     draft_vocab: int = 0  # draft head scores only the K most frequent token ids, q = 0 elsewhere (0: all)
     draft_vocab_counts: str = "soft"  # what ranks them: target p summed over emitted positions, or token counts
     draft_head: str = "shared"  # the draft head's rows: the target's (shared), int8 or int4 (RTN g128) copies
-    draft_kernel: str = "marlin"  # GPU kernel of the int4 draft linears (CPU: torchao's int4)
+    # grid + kernel of the int4 draft linears: auto = marlin on engine=sglang, the float-zero tinygemm grid on
+    # engine=reference; marlin / gemlite = the integer-zero grid on both engines (drafter.IntZeroInt4Linear on CPU)
+    draft_kernel: str = "auto"
 
     def __post_init__(self):
         _require(self.mode in SPEC_MODES, "spec.mode", f"one of {SPEC_MODES}", self.mode)
@@ -107,8 +109,8 @@ class SpecConfig:
         _require(self.draft_vocab_counts in ("soft", "tokens"), "spec.draft_vocab_counts",
                  "one of ('soft', 'tokens')", self.draft_vocab_counts)
         _require(self.draft_head in DRAFT_HEADS, "spec.draft_head", f"one of {DRAFT_HEADS}", self.draft_head)
-        _require(self.draft_kernel in DRAFT_KERNELS, "spec.draft_kernel", f"one of {DRAFT_KERNELS}",
-                 self.draft_kernel)
+        _require(self.draft_kernel in ("auto", *DRAFT_KERNELS), "spec.draft_kernel",
+                 f"one of {DRAFT_KERNELS} or 'auto'", self.draft_kernel)
         if self.bs_max is not None:
             _require(self.bs_max >= 0, "spec.bs_max", "an int >= 0 or null", self.bs_max)
         if self.mode in ("toggle", "adaptive", "argmax"):

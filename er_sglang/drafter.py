@@ -12,6 +12,16 @@ on the bf16 cast of the weight, per group of g input features of a row w[g]:
     q = clamp(round((w - (zero - 8·s)) / s), 0, 15)   w_hat = (q - 8)·s + zero
 i.e. asymmetric 4-bit with a float zero point whose grid spans [min, max] (up to bf16 rounding).
 
+Scheme (`spec.draft_kernel`, build_drafter's `kernel`): "auto" and "tinygemm" = the float-zero grid above (the CPU
+default); "marlin" and "gemlite" = the GPU drafter's integer-zero grid (er_sglang/sglang/marlin_int4.quantize_rtn:
+lo = min(w, 0), hi = max(w, 0), s = max((hi - lo) / 15, 1e-6), z = clamp(-round(lo / s), 0, 15), w_hat =
+bf16((q - z)·s); the floor is marlin_int4.SCALE_EPS: torchao's default for a bf16 weight, 2^-7, floored 84% of
+Qwen2.5-0.5B's groups and cost 0.02 of paired acceptance there, docs/benchmarks.md §9b), run by
+`IntZeroInt4Linear` (backend "rtn_int_zero": plain
+PyTorch, torchao has no CPU kernel for it) with w_hat = marlin_int4.dequantize_rtn(marlin_int4.quantize_rtn(w)) bit
+for bit. Same scheme, same draft on both engines. A spec.draft_head=int4 head follows it (quantize_head). On
+engine=sglang "auto" is marlin (SGLangEngine.from_config).
+
 Group size: a linear whose in_features is not a multiple of `group_size` uses the largest of
 (group_size, 128, 64, 32) (those below group_size) that divides it, recorded per layer in
 `Drafter.group_sizes` (SmolLM2-135M: hidden 576 = 9·64, so q/k/v/o/gate/up use g = 64 and down_proj,
@@ -40,6 +50,8 @@ from torch import nn
 from er_sglang.draft_vocab import SubsetHead
 
 BACKENDS = ("auto", "torchao", "rtn")
+KERNELS = ("auto", "marlin", "tinygemm", "gemlite")  # spec.draft_kernel: which grid the CPU drafter quantizes to
+INT_ZERO_KERNELS = ("marlin", "gemlite")  # the GPU kernels on Marlin's integer-zero codes (int4_kernels.py)
 QMAX = 15  # 4-bit codes 0..15
 MID = 8  # tinygemm's zero point sits at code 8: w_hat = (q - 8)·s + zero
 SCALE_EPS = 1e-6  # torchao's eps for int4 scales
@@ -108,12 +120,18 @@ class RtnInt4Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None, group_size: int):
         super().__init__()
         self.in_features, self.out_features, self.group_size = weight.shape[1], weight.shape[0], group_size
-        codes, scales, zeros = quantize_rtn(weight.detach(), group_size)
+        codes, scales, zeros = self._quantize(weight.detach())
         self.register_buffer("qweight", pack_int4(codes))
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
-        self.register_buffer("w_hat", dequantize_rtn(codes, scales, zeros, weight.dtype))
+        self.register_buffer("w_hat", self._dequantize(codes, scales, zeros, weight.dtype))
         self.bias = bias
+
+    def _quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return quantize_rtn(w, self.group_size)
+
+    def _dequantize(self, codes, scales, zeros, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_rtn(codes, scales, zeros, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.w_hat.to(x.dtype), self.bias)
@@ -121,18 +139,34 @@ class RtnInt4Linear(nn.Module):
     @torch.no_grad()
     def refresh(self, weight: torch.Tensor) -> None:
         """Requantize from a new weight [N, K] in place (storages kept)."""
-        codes, scales, zeros = quantize_rtn(weight.to(self.qweight.device), self.group_size)
+        codes, scales, zeros = self._quantize(weight.to(self.qweight.device))
         self.qweight.copy_(pack_int4(codes))
         self.scales.copy_(scales)
         self.zeros.copy_(zeros)
-        self.w_hat.copy_(dequantize_rtn(codes, scales, zeros, self.w_hat.dtype))
+        self.w_hat.copy_(self._dequantize(codes, scales, zeros, self.w_hat.dtype))
 
     def dequantize(self) -> torch.Tensor:
         """w_hat [N, K] fp32, from the stored codes (not the cache)."""
-        return dequantize_rtn(unpack_int4(self.qweight), self.scales, self.zeros)
+        return self._dequantize(unpack_int4(self.qweight), self.scales, self.zeros)
 
     def packed_tensors(self) -> list[torch.Tensor]:
         return [self.qweight, self.scales, self.zeros]
+
+
+class IntZeroInt4Linear(RtnInt4Linear):
+    """RtnInt4Linear on the GPU drafter's grid (spec.draft_kernel = marlin / gemlite): integer zero points,
+    w_hat = bf16((q - z)·s) = marlin_int4.dequantize_rtn(marlin_int4.quantize_rtn(w, g), g), cached in the
+    weight's dtype (exact: bf16 values). Buffers as RtnInt4Linear's, but zeros are uint8 codes 0..15."""
+
+    def _quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from er_sglang.sglang.marlin_int4 import quantize_rtn as quantize_int_zero  # torch + torchao only
+
+        return quantize_int_zero(w, self.group_size)
+
+    def _dequantize(self, codes, scales, zeros, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from er_sglang.sglang.marlin_int4 import dequantize_rtn as dequantize_int_zero
+
+        return dequantize_int_zero(codes, scales, zeros, self.group_size).to(dtype)
 
 
 def _torchao_tensor_cls(device_type: str):
@@ -249,12 +283,15 @@ class Int8Linear(nn.Module):
 
 def quantize_head(rows: torch.Tensor, quant: str, group_size: int, backend: str) -> nn.Module:
     """The draft head's rows [K, H] quantized for spec.draft_head: "int8" (Int8Linear) or "int4" (the draft
-    linears' RTN: torchao's kernel where the drafter uses it and [K, H] fits it, else rtn; same codes)."""
+    linears' RTN: torchao's kernel where the drafter uses it and [K, H] fits it, else rtn; same codes; the
+    integer-zero grid where the drafter's backend is rtn_int_zero, as the GPU's int4 head, draft_head.py)."""
     if quant == "int8":
         return Int8Linear(rows, None)
     if quant != "int4":
         raise ValueError(f"spec.draft_head: expected one of ('shared', 'int8', 'int4'), got {quant!r}")
     g = choose_group_size(rows.shape[1], group_size)
+    if backend == "rtn_int_zero":
+        return IntZeroInt4Linear(rows, None, g)
     cls = TorchaoInt4Linear if backend == "torchao" and torchao_fits(rows, g) else RtnInt4Linear
     return cls(rows, None, g)
 
@@ -273,7 +310,7 @@ class _Entry:
 class Drafter:
     """The int4 copy of a target HF causal LM; call `drafter.model(...)` exactly like the target.
 
-    Attributes: model (HF model of the target's class), target, backend ("torchao" | "rtn"),
+    Attributes: model (HF model of the target's class), target, backend ("torchao" | "rtn" | "rtn_int_zero"),
     group_sizes {linear name: g}, num_quantized (decoder linears replaced).
     """
 
@@ -391,9 +428,16 @@ def _decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
             if isinstance(m, nn.Linear) and ".layers." in f".{name}"]
 
 
-def _resolve_backend(backend: str, linears: list[tuple[str, nn.Linear]], group_sizes: dict) -> str:
+def _resolve_backend(backend: str, linears: list[tuple[str, nn.Linear]], group_sizes: dict, kernel: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
+    if kernel not in KERNELS:
+        raise ValueError(f"spec.draft_kernel: expected one of {KERNELS}, got {kernel!r}")
+    if kernel in INT_ZERO_KERNELS:  # Marlin's integer-zero grid: plain PyTorch only on CPU
+        if backend == "torchao":
+            raise ValueError(f"backend='torchao' has no CPU kernel for spec.draft_kernel={kernel!r}'s integer-zero "
+                             "grid; use spec.drafter_backend='rtn' or 'auto'")
+        return "rtn_int_zero"
     if backend == "rtn":
         return "rtn"
     misfits = [name for name, m in linears if not torchao_fits(m.weight, group_sizes[name])]
@@ -405,23 +449,26 @@ def _resolve_backend(backend: str, linears: list[tuple[str, nn.Linear]], group_s
     return "rtn"
 
 
-def build_drafter(target: nn.Module, group_size: int = 128, backend: str = "auto", head: str = "shared") -> Drafter:
+def build_drafter(target: nn.Module, group_size: int = 128, backend: str = "auto", head: str = "shared",
+                  kernel: str = "auto") -> Drafter:
     """Int4 self-drafter of an HF causal LM (Llama/Qwen2 layout: model.layers[i].{self_attn,mlp}.*_proj).
 
     The copy shares every target parameter and buffer (deepcopy memo maps them to themselves), then
     each decoder nn.Linear is swapped for an int4 module quantized from the target's weight.
     head (spec.draft_head): "shared" = the target's lm_head; "int8" / "int4" = a quantized copy of all its
     rows (a SubsetHead over every id; spec.draft_vocab later narrows it to K rows, quantized the same way).
+    kernel (spec.draft_kernel): "auto" / "tinygemm" = the float-zero grid (backend torchao or rtn); "marlin" /
+    "gemlite" = the GPU's integer-zero grid (backend rtn_int_zero: IntZeroInt4Linear).
     """
     linears = _decoder_linears(target)
     if not linears:
         raise ValueError("no nn.Linear found under the target's decoder layers")
     group_sizes = {name: choose_group_size(m.in_features, group_size) for name, m in linears}
-    backend = _resolve_backend(backend, linears, group_sizes)
+    backend = _resolve_backend(backend, linears, group_sizes, kernel)
     memo = {id(t): t for t in list(target.parameters()) + list(target.buffers())}
     model = copy.deepcopy(target, memo)
     model.eval()
-    module_cls = TorchaoInt4Linear if backend == "torchao" else RtnInt4Linear
+    module_cls = {"torchao": TorchaoInt4Linear, "rtn": RtnInt4Linear, "rtn_int_zero": IntZeroInt4Linear}[backend]
     entries = []
     for name, lin in linears:
         draft = module_cls(lin.weight, lin.bias, group_sizes[name])

@@ -79,7 +79,7 @@ class ReferenceEngine:
             from er_sglang.drafter import build_drafter
 
             drafter = build_drafter(model, group_size=cfg.spec.group_size, backend=cfg.spec.drafter_backend,
-                                    head=cfg.spec.draft_head)
+                                    head=cfg.spec.draft_head, kernel=cfg.spec.draft_kernel)
         tokenizer = load_tokenizer(path)
         stops = model_info(path, tokenizer).stop_token_ids
         draft_vocab = None

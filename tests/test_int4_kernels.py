@@ -60,7 +60,7 @@ def test_draft_kernel_names_agree_across_config_module_and_bench():
 
 
 def test_spec_draft_kernel_default_override_and_one_line_error():
-    assert SpecConfig().draft_kernel == "marlin"
+    assert SpecConfig().draft_kernel == "auto"
     assert load_config(RolloutJob, ["spec.draft_kernel=gemlite"]).spec.draft_kernel == "gemlite"
     with pytest.raises(ConfigError) as exc:
         load_config(RolloutJob, ["spec.draft_kernel=tinygem"])

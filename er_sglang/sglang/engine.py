@@ -135,7 +135,7 @@ class SGLangEngine:
                 "gamma_ladder": [int(g) for g in _get(cfg, "spec.gamma_ladder", (5, 7, 9, 11))],
                 "roofline": _get(cfg, "spec.roofline") or _get(cfg, "roofline.path"),
                 "timing": bool(_get(cfg, "spec.timing", False)), "bs_max": _get(cfg, "spec.bs_max"),
-                "draft_kernel": str(_get(cfg, "spec.draft_kernel", "marlin")),
+                "draft_kernel": {"auto": "marlin"}.get(kern := str(_get(cfg, "spec.draft_kernel", "auto")), kern),
                 "policy": {k: _plain(_get(cfg, f"spec.{k}")) for k in POLICY_KEYS
                            if _get(cfg, f"spec.{k}") is not None},
                 "draft_vocab": int(_get(cfg, "spec.draft_vocab", 0) or 0),

@@ -17,9 +17,10 @@ tinygemm  torch's aten._weight_int4pack_mm (torchao's int4 tinygemm kernel) with
               s = (max - min) / 15, zero = min + 8·s (bf16), q = round((w - (zero - 8·s)) / s), w_hat = (q - 8)·s + zero
           a float zero point and a grid anchored at the group's min, where Marlin's is anchored at 0 (integer z):
           both round to a grid of step s, so their w_hat differ by less than s (some weights by one grid point).
-          The reference engine runs this quantization whatever spec.draft_kernel says, so tinygemm makes the GPU
-          draft the CPU's. (scripts/bench_int4_gemv.py times the same kernel on Marlin's codes instead, with
-          zero = bf16((8 - z)·s): same bytes, same time.)
+          The reference engine runs this grid for spec.draft_kernel auto / tinygemm and Marlin's integer-zero grid
+          for marlin / gemlite (er_sglang/drafter.IntZeroInt4Linear), so every GPU kernel has its CPU twin.
+          (scripts/bench_int4_gemv.py times the same kernel on Marlin's codes instead, with zero = bf16((8 - z)·s):
+          same bytes, same time.)
 Numerics beyond the weights: each kernel sums in its own order (fp32 accumulators; gemlite's split-K, and Marlin's
 atomic-add reduce where SGLang picks it, add bf16 partials in arrival order: the last bit may vary run to run).
 Draft weights and rounding move only acceptance, never the output distribution: verification is exact.
