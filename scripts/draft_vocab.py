@@ -153,25 +153,32 @@ def _counts(sequences, vocab: int) -> torch.Tensor:
     return torch.bincount(torch.tensor([t for seq in sequences for t in seq], dtype=torch.int64), minlength=vocab)
 
 
-def run_model(args) -> dict:
+def _load(args):
+    """(stops, always-drafted ids, fp32 model, default drafter, measured prompts, warm-up prompts)."""
     from transformers import AutoModelForCausalLM
 
-    from er_sglang.draft_vocab import DraftVocab, select_draft_vocab
     from er_sglang.drafter import build_drafter
-    from er_sglang.engine import SamplingParams
     from er_sglang.models import load_tokenizer, model_info, resolve_model_path
-    from er_sglang.policy import SpecPolicy
-    from er_sglang.reference import ReferenceEngine
-    from er_sglang.sampling import verify
 
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
     stops = model_info(path, tokenizer).stop_token_ids
     always = sorted(set(stops) | set(tokenizer.all_special_ids))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    vocab = model.get_output_embeddings().weight.shape[0]
     drafter = build_drafter(model, group_size=128, backend="auto")
     _, prompts, warm_prompts = make_prompts(tokenizer, args.n, args.n_warmup, args.seed)
+    return stops, always, model, drafter, prompts, warm_prompts
+
+
+def run_model(args) -> dict:
+    from er_sglang.draft_vocab import DraftVocab, select_draft_vocab
+    from er_sglang.engine import SamplingParams
+    from er_sglang.policy import SpecPolicy
+    from er_sglang.reference import ReferenceEngine
+    from er_sglang.sampling import verify
+
+    stops, always, model, drafter, prompts, warm_prompts = _load(args)
+    vocab = model.get_output_embeddings().weight.shape[0]
     ks = [k for k in args.ks if k < vocab]
 
     plain = ReferenceEngine(model, SpecPolicy(mode="no-sd"), None, stops)
@@ -273,24 +280,16 @@ class PairedHeads:
 def run_heads(args) -> dict:
     """Paired acceptance of each draft head {shared, int8, int4} x K {full, --ks} on one full-head rtn run."""
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
 
     from er_sglang.draft_vocab import select_draft_vocab
-    from er_sglang.drafter import build_drafter, quantize_head
+    from er_sglang.drafter import quantize_head
     from er_sglang.engine import SamplingParams
-    from er_sglang.models import load_tokenizer, model_info, resolve_model_path
     from er_sglang.policy import SpecPolicy
     from er_sglang.reference import ReferenceEngine
 
-    path = resolve_model_path(args.model)
-    tokenizer = load_tokenizer(path)
-    stops = model_info(path, tokenizer).stop_token_ids
-    always = sorted(set(stops) | set(tokenizer.all_special_ids))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    stops, always, model, drafter, prompts, warm_prompts = _load(args)
     weight = model.get_output_embeddings().weight.detach()
     vocab = weight.shape[0]
-    drafter = build_drafter(model, group_size=128, backend="auto")
-    _, prompts, warm_prompts = make_prompts(tokenizer, args.n, args.n_warmup, args.seed)
     plain = ReferenceEngine(model, SpecPolicy(mode="no-sd"), None, stops)
     warm, warm_outputs, warm_s = warmup_counts(model, plain, warm_prompts, vocab, args)
     counts = warm[args.counts] + _counts(prompts, vocab)  # as the engine adds the prompts before its refresh

@@ -9,6 +9,7 @@ import torch
 
 from er_sglang.sglang.marlin_int4 import dequantize_rtn, quantize_rtn
 from scripts import bench_int4_gemv as bg
+from tests.tiny import one_thread  # noqa: F401 - autouse: one torch thread per test
 
 TINY = {"hidden_size": 256, "intermediate_size": 384, "num_attention_heads": 2, "num_key_value_heads": 1,
         "num_hidden_layers": 3, "vocab_size": 512}
@@ -136,12 +137,6 @@ REGISTRY = {"bf16": ("bf16", bg.build_bf16), "no_lib": ("int4", _no_lib), "flaky
             "bad_o": ("int4", _bad_o), "tinygemm": ("int4", bg.build_tinygemm)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # small CPU matmuls on a shared 2-core machine: threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(tmp_path, *extra):

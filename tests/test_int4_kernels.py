@@ -23,17 +23,12 @@ from er_sglang.sglang import marlin_int4 as mi
 from er_sglang.sglang.gamma import SPEC_ENV
 from er_sglang.sglang.selfdraft import SelfDrafter
 from scripts import bench_step
+from tests.tiny import one_thread  # noqa: F401 - autouse: one torch thread per test
 
 CPU_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 needs_cpu_int4 = pytest.mark.skipif(not CPU_INT4, reason="no CPU int4pack ops in this torch")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # small CPU matmuls on a shared 2-core machine: threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class _Dense:

@@ -1,6 +1,7 @@
 """Tiny random HF models for CPU tests (no files, no network)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -25,3 +26,11 @@ class ModelDrafter:
 
     def requantize(self, state_dict=None) -> float:
         return 0.0
+
+
+@pytest.fixture(autouse=True)  # autouse where a test module imports it
+def one_thread():  # small CPU matmuls on a shared 2-core machine: threads only contend
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
