@@ -61,6 +61,9 @@ profile() {  # profile BACKEND: torch-profiler traces of SD (B x gamma) and plai
     grep -m8 -E "Error|error|Traceback" "$OUT/profile_$1.log" | cut -c1-300
     (cd /tmp/traces && find . -name "*_b1[-_]*trace.json.gz" -size -7M | head -4 | tar czf "$OUT/traces_$1.tgz" -T -)
 }
+# er-train steps: the experiment files' folder and the prompt file (TRAIN_DATA= for a config's own data)
+TRAIN_CFG=${TRAIN_CFG:-configs/experiments/qwen2.5-coder-0.5b}
+TRAIN_DATA=${TRAIN_DATA-data.train=/tmp/pydeps/gsm8k_train.jsonl}
 raystop() {  # a run killed by timeout/SIGKILL leaves Ray's daemons: the next run must start clean
     pkill -9 -f "ray/core/src/ray" 2>/dev/null; pkill -9 -f "ray::" 2>/dev/null; pkill -9 -f sglang 2>/dev/null; sleep 2
 }
@@ -101,17 +104,16 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
         train)  # issue 11: er-train on the staged 0.5B (/tmp/q05) per mode in TRAIN_MODES, GSM8K from pydeps
                 for m in ${TRAIN_MODES:-no-sd}; do
                     rm -rf "/tmp/runs/$m"; mkdir -p /tmp/res/train
-                    timeout "$(( $(left) - 25 ))" setsid python3 -m orchestrator.cli \
-                        "configs/experiments/qwen2.5-coder-0.5b/$m.yaml" "run_dir=/tmp/runs/$m" logging.wandb=disabled \
-                        data.train=/tmp/pydeps/gsm8k_train.jsonl ${TRAIN_ARGS:-} > "$OUT/train_$m.log" 2>&1
+                    timeout "$(( $(left) - 25 ))" setsid python3 -m orchestrator.cli "$TRAIN_CFG/$m.yaml" \
+                        "run_dir=/tmp/runs/$m" logging.wandb=disabled $TRAIN_DATA ${TRAIN_ARGS:-} > "$OUT/train_$m.log" 2>&1
                     el "train $m rc=$?"; tail -n 28 "$OUT/train_$m.log" | cut -c1-250
                     cp "/tmp/runs/$m/metrics.jsonl" "/tmp/res/train/$m.jsonl" 2>/dev/null; raystop
                 done ;;
         train_resume) # SIGKILL the whole run once step RESUME_KILL_AFTER's checkpoint exists, then resume=auto
                 m=${RESUME_MODE:-argmax}; d=/tmp/runs/resume_$m; k=${RESUME_KILL_AFTER:-2}; rm -rf "$d"
                 mkdir -p /tmp/res/train
-                setsid python3 -m orchestrator.cli "configs/experiments/qwen2.5-coder-0.5b/$m.yaml" "run_dir=$d" \
-                    logging.wandb=disabled data.train=/tmp/pydeps/gsm8k_train.jsonl "checkpoint.every=$k" \
+                setsid python3 -m orchestrator.cli "$TRAIN_CFG/$m.yaml" "run_dir=$d" \
+                    logging.wandb=disabled $TRAIN_DATA "checkpoint.every=$k" \
                     "train.num_steps=$(( k + 2 ))" ${TRAIN_ARGS:-} > "$OUT/resume_first.log" 2>&1 &
                 pid=$!
                 while kill -0 "$pid" 2>/dev/null && [ ! -f "$d/checkpoints/step_$(printf %06d "$k")/state.json" ] \
