@@ -81,9 +81,14 @@ def test_gamma_switches_inside_one_rollout(eng):
     assert sum(drafted) == st.num_drafted  # per-request counts add up to the aggregate denominator
 
 
-def _sample_tokens(eng, gamma: int, n: int, positions: int) -> list[list[int]]:
+def _sample_tokens(eng, gamma: int, n: int, positions: int, chunk: int = 16) -> list[list[int]]:
+    """n samples in calls of `chunk` requests: the speculation graphs serve B <= 16 (bs_max), and a forced gamma
+    above a state's served batch falls back to gamma = 0 (GammaChooser.choose)."""
     eng.rpc("set_gamma", gamma=gamma)
-    outs = eng.generate([PROMPT] * n, SamplingParams(max_new_tokens=positions), ignore_eos=True)
+    outs = []
+    for start in range(0, n, chunk):
+        outs += eng.generate([PROMPT] * min(chunk, n - start), SamplingParams(max_new_tokens=positions),
+                             ignore_eos=True)
     return [r.output_ids for r in outs]
 
 
