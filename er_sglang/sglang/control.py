@@ -54,4 +54,15 @@ def handle(worker, op: str, **kw) -> dict:
         return {"is_stale": True}
     if op == "draft_check":
         return worker.drafter.check()
+    if op == "scramble_draft":
+        # test-only: every twin's float tensors negated (the draft runs -W_hat) until the next requantize /
+        # mark_stale: the shared-KV test's draft whose K/V are garbage
+        import torch
+
+        with torch.no_grad():
+            for _, mod in worker.drafter.linears:
+                for name in worker.drafter.kernel.packed:
+                    if mod.er_int4[name].is_floating_point():
+                        mod.er_int4[name].neg_()
+        return {"num_linears": len(worker.drafter.linears)}
     raise ValueError(f"unknown self-spec control op {op!r}")

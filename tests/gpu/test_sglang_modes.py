@@ -44,6 +44,20 @@ def test_engine_starts_with_mode(tiny_path, mode):
             greedy = eng.generate(PROMPTS, SamplingParams(max_new_tokens=NUM_NEW, temperature=0.0), ignore_eos=True)
             GREEDY[mode] = [(r.output_ids, r.logprobs) for r in greedy]
             GREEDY[f"{mode}_stats"] = eng.stats(reset=True).__dict__
+        if mode == "rtn":
+            # gamma = 0 through the worker is the plain decode step: the same tokens and log-probs as no-sd
+            eng.rpc("set_gamma", gamma=0)
+            g0 = eng.generate(PROMPTS, SamplingParams(max_new_tokens=NUM_NEW, temperature=0.0), ignore_eos=True)
+            GREEDY["rtn_g0"] = [(r.output_ids, r.logprobs) for r in g0]
+            # a draft whose K/V are garbage (-W_hat): if the target ever read a draft K/V entry, its log-probs
+            # would move far more than the verify's bf16 rounding does with the real draft
+            eng.rpc("set_gamma", gamma=3)
+            eng.stats(reset=True)
+            eng.rpc("scramble_draft")
+            bad = eng.generate(PROMPTS, SamplingParams(max_new_tokens=NUM_NEW, temperature=0.0), ignore_eos=True)
+            GREEDY["rtn_scrambled"] = [(r.output_ids, r.logprobs) for r in bad]
+            GREEDY["rtn_scrambled_stats"] = eng.stats(reset=True).__dict__
+            eng.rpc("mark_stale")
     finally:
         eng.shutdown()
     os.makedirs(RESULTS, exist_ok=True)
@@ -62,19 +76,34 @@ def test_engine_starts_with_mode(tiny_path, mode):
         assert all(r.num_drafted == 3 * r.num_verify_steps for r in outs)
 
 
-def test_rtn_target_logprobs_equal_no_sd_at_t0():
-    if "rtn" not in GREEDY or "no-sd" not in GREEDY:
-        pytest.skip("needs the rtn and no-sd engine runs above")
+def _compare(ref: list, other: list) -> list[dict]:
     rows = []
-    for (ids_a, lp_a), (ids_b, lp_b) in zip(GREEDY["no-sd"], GREEDY["rtn"]):
+    for (ids_a, lp_a), (ids_b, lp_b) in zip(ref, other):
         same = next((j for j, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), len(ids_a))
         diffs = [abs(x - y) for x, y in zip(lp_a[:same], lp_b[:same])]
         rows.append({"num_tokens": len(ids_a), "first_divergence": same, "max_abs_logprob_diff": max(diffs),
                      "logprob_at_divergence": [lp_a[same], lp_b[same]] if same < len(ids_a) else None})
+    return rows
+
+
+def test_rtn_target_logprobs_equal_no_sd_at_t0():
+    if "rtn" not in GREEDY or "no-sd" not in GREEDY:
+        pytest.skip("needs the rtn and no-sd engine runs above")
+    rows = _compare(GREEDY["no-sd"], GREEDY["rtn"])
+    g0 = _compare(GREEDY["no-sd"], GREEDY["rtn_g0"]) if "rtn_g0" in GREEDY else None
+    bad = _compare(GREEDY["no-sd"], GREEDY["rtn_scrambled"]) if "rtn_scrambled" in GREEDY else None
     with open(os.path.join(RESULTS, "shared_kv_t0.json"), "w") as f:
-        json.dump({"rows": rows, "rtn_stats": GREEDY["rtn_stats"]}, f, indent=1, default=str)
+        json.dump({"rows": rows, "rtn_stats": GREEDY["rtn_stats"], "gamma0_rows": g0, "scrambled_rows": bad,
+                   "scrambled_stats": GREEDY.get("rtn_scrambled_stats")}, f, indent=1, default=str)
     assert all(r["num_tokens"] == NUM_NEW for r in rows)
     assert GREEDY["rtn_stats"]["num_accepted"] > 0, "no draft accepted: the rtn run never exercised shared KV"
-    for r in rows:
-        # bf16 logits through different kernel shapes (decode vs verify): agreement to ~1e-2 in log-prob
-        assert r["max_abs_logprob_diff"] < 5e-2, rows
+    # gamma = 0 is the plain decode step: the same graph and sampler as no-sd, so the same bits
+    assert g0 is not None and all(r["first_divergence"] == NUM_NEW and r["max_abs_logprob_diff"] <= 1e-6
+                                  for r in g0), g0
+    # verify GEMMs (M = gamma + 1) round the bf16 logits differently from decode's (M = 1): this model's logits
+    # reach ~16-32, where one bf16 step is 0.125 (device run of 2026-12-05: up to 0.094). A garbage draft (-W_hat)
+    # must not move the target further than the real one: the target never reads a draft K/V entry.
+    tol = 0.15
+    assert all(r["max_abs_logprob_diff"] < tol for r in rows), rows
+    assert bad is not None and all(r["max_abs_logprob_diff"] < tol for r in bad), bad
+    assert GREEDY["rtn_scrambled_stats"]["num_accepted"] < GREEDY["rtn_stats"]["num_accepted"]
