@@ -81,7 +81,10 @@ def _compare(ref: list, other: list) -> list[dict]:
     for (ids_a, lp_a), (ids_b, lp_b) in zip(ref, other):
         same = next((j for j, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), len(ids_a))
         diffs = [abs(x - y) for x, y in zip(lp_a[:same], lp_b[:same])]
+        # first position whose log-prob differs at all: 0 = the prefill's logits, > 0 = a decode step
+        first = next((j for j, d in enumerate(diffs) if d > 1e-6), None)
         rows.append({"num_tokens": len(ids_a), "first_divergence": same, "max_abs_logprob_diff": max(diffs),
+                     "first_logprob_mismatch": first, "diffs_head": [round(d, 5) for d in diffs[:12]],
                      "logprob_at_divergence": [lp_a[same], lp_b[same]] if same < len(ids_a) else None})
     return rows
 
