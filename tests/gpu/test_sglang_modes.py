@@ -41,12 +41,16 @@ def test_engine_starts_with_mode(tiny_path, mode):
         st = eng.stats(reset=True)
         eng.end_rollout()
         if mode in ("no-sd", "rtn"):
+            # every greedy run starts from an empty prefix cache: a cached prompt would be extended over its
+            # last token only (M = 1 GEMMs, paged attention) instead of all six, and round differently
+            assert eng.engine.flush_cache().success
             greedy = eng.generate(PROMPTS, SamplingParams(max_new_tokens=NUM_NEW, temperature=0.0), ignore_eos=True)
             GREEDY[mode] = [(r.output_ids, r.logprobs) for r in greedy]
             GREEDY[f"{mode}_stats"] = eng.stats(reset=True).__dict__
         if mode == "rtn":
             # gamma = 0 through the worker is the plain decode step: the same tokens and log-probs as no-sd
             eng.rpc("set_gamma", gamma=0)
+            assert eng.engine.flush_cache().success
             g0 = eng.generate(PROMPTS, SamplingParams(max_new_tokens=NUM_NEW, temperature=0.0), ignore_eos=True)
             GREEDY["rtn_g0"] = [(r.output_ids, r.logprobs) for r in g0]
             # a draft whose K/V are garbage (-W_hat): if the target ever read a draft K/V entry, its log-probs
@@ -54,6 +58,7 @@ def test_engine_starts_with_mode(tiny_path, mode):
             eng.rpc("set_gamma", gamma=3)
             eng.stats(reset=True)
             eng.rpc("scramble_draft")
+            assert eng.engine.flush_cache().success
             bad = eng.generate(PROMPTS, SamplingParams(max_new_tokens=NUM_NEW, temperature=0.0), ignore_eos=True)
             GREEDY["rtn_scrambled"] = [(r.output_ids, r.logprobs) for r in bad]
             GREEDY["rtn_scrambled_stats"] = eng.stats(reset=True).__dict__
