@@ -40,7 +40,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
 pt() {  # pt NAME FILE [CAP_S]: one pytest process per file (an engine failure kills its process)
     local lim; lim=$(left); [ -n "${3:-}" ] && [ "$3" -lt "$lim" ] && lim=$3
-    timeout "$lim" python3 -m pytest -p no:cacheprovider -q -s -m gpu -rA -x "$2" > "$OUT/pytest_$1.log" 2>&1
+    timeout "$lim" python3 -m pytest -p no:cacheprovider -q -s -m gpu -rA "$2" > "$OUT/pytest_$1.log" 2>&1
     el "pytest $1 rc=$?"; grep -E "PASS|FAIL|ERROR|passed|failed|error|Error" "$OUT/pytest_$1.log" | tail -n 25 | cut -c1-400
 }
 bench() {  # bench BACKEND [KERNEL [SHARES]]: spec.draft_kernel=KERNEL (marlin), 1/SHARES of the time left
