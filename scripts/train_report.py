@@ -33,11 +33,13 @@ def summarize(rows: list[dict]) -> dict:
     warm = [r for r in rows if r.get("step", 0) >= 2] or rows
     third = max(len(rows) // 3, 1)
     step_s = _mean(warm, "timing/step_s")
-    sync = [r.get("timing/sync_s", 0.0) + r.get("spec/requant_s", 0.0) for r in warm]
+    # requant is inside sync_s on the CPU (the reference engine re-quantizes at the last bucket) and inside the
+    # next rollout on SGLang (lazily, before the first draft): its own share, never added to sync's
+    sync_s, requant_s = _mean(warm, "timing/sync_s"), _mean(warm, "spec/requant_s")
     out = {"num_steps": len(rows), "step_s": step_s, "rollout_s": _mean(warm, "timing/rollout_s"),
-           "train_s": _mean(warm, "timing/train_s"), "sync_s": _mean(warm, "timing/sync_s"),
-           "requant_s": _mean(warm, "spec/requant_s"),
-           "sync_frac": (sum(sync) / len(sync) / step_s) if (sync and step_s) else None,
+           "train_s": _mean(warm, "timing/train_s"), "sync_s": sync_s, "requant_s": requant_s,
+           "sync_frac": (sync_s / step_s) if (sync_s is not None and step_s) else None,
+           "requant_frac": (requant_s / step_s) if (requant_s is not None and step_s) else None,
            "reward_first": _mean(rows[:third], "train/reward_mean"),
            "reward_last": _mean(rows[-third:], "train/reward_mean"),
            "accept_rate": _mean(warm, "spec/accept_rate"), "spec_on_frac": _mean(warm, "spec/on_frac")}
