@@ -127,7 +127,7 @@ def bstar_table(model: Roofline, seq: float, gammas, alphas, threshold: float = 
 def speedup_map(model: Roofline, seq: float, batches, gammas, alphas, records=None) -> dict:
     """{alpha: {B: {gamma: (predicted, measured | None)}}}; measured = L * T_T,meas / T_step,meas from the
     records (a bench_step JSON) at this S."""
-    from er_sglang.calibrate import point_rows
+    from er_sglang.calibrate_fit import point_rows
 
     ratio = {}
     if records:
