@@ -140,7 +140,7 @@ class SubsetHead(nn.Module):
             if quant == "shared":
                 self.linear = None
             else:
-                from er_sglang.drafter import quantize_head  # drafter imports this module
+                from er_sglang.int4_linear import quantize_head
 
                 self.linear = quantize_head(rows, quant, group_size, backend)
 

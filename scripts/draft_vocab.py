@@ -282,8 +282,8 @@ def run_heads(args) -> dict:
     import torch.nn.functional as F
 
     from er_sglang.draft_vocab import select_draft_vocab
-    from er_sglang.drafter import quantize_head
     from er_sglang.engine import SamplingParams
+    from er_sglang.int4_linear import quantize_head
     from er_sglang.policy import SpecPolicy
     from er_sglang.reference import ReferenceEngine
 

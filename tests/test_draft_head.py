@@ -7,8 +7,9 @@ import torch
 from er_sglang.cli import main as er_rollout
 from er_sglang.config import ConfigError, RolloutJob, load_config
 from er_sglang.draft_vocab import SubsetHead, install_subset_head, subset_ids
-from er_sglang.drafter import Int8Linear, RtnInt4Linear, build_drafter, dequantize_rtn, quantize_rtn
+from er_sglang.drafter import build_drafter
 from er_sglang.engine import SamplingParams
+from er_sglang.int4_linear import Int8Linear, RtnInt4Linear, dequantize_rtn, quantize_rtn
 from er_sglang.sampling import verify
 from tests.stats import chi2_pvalue
 from tests.test_draft_vocab import _subset_engine

@@ -4,10 +4,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from er_sglang.drafter import (
+from er_sglang.drafter import build_drafter
+from er_sglang.int4_linear import (
     RtnInt4Linear,
     TorchaoInt4Linear,
-    build_drafter,
     choose_group_size,
     dequantize_rtn,
     quantize_rtn,

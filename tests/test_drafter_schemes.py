@@ -9,8 +9,9 @@ import torch
 
 from er_sglang.config import ConfigError, RolloutJob, SpecConfig, load_config
 from er_sglang.draft_vocab import install_subset_head
-from er_sglang.drafter import IntZeroInt4Linear, RtnInt4Linear, TorchaoInt4Linear, build_drafter
+from er_sglang.drafter import build_drafter
 from er_sglang.engine import SamplingParams
+from er_sglang.int4_linear import IntZeroInt4Linear, RtnInt4Linear, TorchaoInt4Linear
 from er_sglang.policy import SpecPolicy
 from er_sglang.reference import ReferenceEngine
 from er_sglang.sglang import marlin_int4 as mi

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from er_sglang.config import DRAFT_KERNELS, ConfigError, RolloutJob, SpecConfig, load_config
-from er_sglang.drafter import TorchaoInt4Linear
-from er_sglang.drafter import dequantize_rtn as tg_dequantize
-from er_sglang.drafter import quantize_rtn as tg_quantize
+from er_sglang.int4_linear import TorchaoInt4Linear
+from er_sglang.int4_linear import dequantize_rtn as tg_dequantize
+from er_sglang.int4_linear import quantize_rtn as tg_quantize
 from er_sglang.sglang import int4_kernels as ik
 from er_sglang.sglang import marlin_int4 as mi
 from er_sglang.sglang.gamma import SPEC_ENV

@@ -175,7 +175,7 @@ class DraftHead:
 def _int8_rtn(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """rows [N, H] -> (codes int8 [N, H], scales [N] in the rows' dtype): the CPU head's per-row symmetric int8
     (drafter.quantize_int8, s = max|w| / 127.5), its scale rounded to bf16 for Marlin's bf16 scale operand."""
-    from er_sglang.drafter import quantize_int8
+    from er_sglang.int4_linear import quantize_int8
 
     codes, scales = quantize_int8(rows)
     return codes, scales.to(rows.dtype)

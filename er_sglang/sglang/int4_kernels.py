@@ -131,7 +131,7 @@ def tinygemm_qparams(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
 
 
 def tinygemm_pack(w: torch.Tensor, group_size: int = mi.GROUP_SIZE) -> dict[str, torch.Tensor]:
-    from er_sglang.drafter import quantize_rtn as quantize_tinygemm
+    from er_sglang.int4_linear import quantize_rtn as quantize_tinygemm
 
     codes, scales, zeros = quantize_tinygemm(w, group_size)
     return {"qweight": tinygemm_pack_codes(codes), "scales_zeros": tinygemm_qparams(scales, zeros)}
@@ -151,7 +151,7 @@ def tinygemm_apply(b: dict, x: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 
 def _tinygemm_dequant(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    from er_sglang.drafter import dequantize_rtn, quantize_rtn
+    from er_sglang.int4_linear import dequantize_rtn, quantize_rtn
 
     return dequantize_rtn(*quantize_rtn(w, group_size))
 
