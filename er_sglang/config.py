@@ -81,7 +81,7 @@ class SpecConfig:
     draft_vocab_counts: str = "soft"  # what ranks them: target p summed over emitted positions, or token counts
     draft_head: str = "shared"  # the draft head's rows: the target's (shared), int8 or int4 (RTN g128) copies
     # grid + kernel of the int4 draft linears: auto = marlin on engine=sglang, the float-zero tinygemm grid on
-    # engine=reference; marlin / gemlite = the integer-zero grid on both engines (drafter.IntZeroInt4Linear on CPU)
+    # engine=reference; marlin / gemlite = the integer-zero grid on both engines (int4_linear.IntZeroInt4Linear on CPU)
     draft_kernel: str = "auto"
 
     def __post_init__(self):

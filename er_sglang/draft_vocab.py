@@ -118,7 +118,7 @@ class SubsetHead(nn.Module):
     """The draft's lm_head over rows `ids` of the full head: hidden [..., H] -> logits [..., K] = hidden @ W[ids]^T (+ b[ids]).
 
     quant (spec.draft_head): "shared" keeps `weight` [K, H], a gathered copy in the full head's dtype (the rows
-    are the target's values); "int8" / "int4" keep `linear`, those rows quantized (drafter.quantize_head:
+    are the target's values); "int8" / "int4" keep `linear`, those rows quantized (int4_linear.quantize_head:
     per-row symmetric int8, or the draft linears' int4 RTN g`group_size`). `ids` may be every id (a quantized
     full head, `is_subset` False). `full` is the full head (not a submodule: its weight is the target's and
     stays counted there). `regather` writes into the existing buffers, so storages (and CUDA graphs on them)

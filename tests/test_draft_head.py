@@ -1,4 +1,4 @@
-"""Quantized draft head (spec.draft_head, er_sglang/draft_vocab.py SubsetHead + drafter.quantize_head): shapes and
+"""Quantized draft head (spec.draft_head, er_sglang/draft_vocab.py SubsetHead + int4_linear.quantize_head): shapes and
 bytes, the codes are torchao's / the draft linears', re-quantized after weight updates, q changes, still lossless,
 one-line config errors."""
 import pytest

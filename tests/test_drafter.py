@@ -1,4 +1,4 @@
-"""CPU tests of the int4 self-drafter (er_sglang/drafter.py) on tiny random Llama models."""
+"""CPU tests of the int4 self-drafter (er_sglang/drafter.py, er_sglang/int4_linear.py) on tiny random Llama models."""
 import pytest
 import torch
 from torch import nn

@@ -1,4 +1,4 @@
-"""The CPU drafter's int4 grid follows spec.draft_kernel (er_sglang/drafter.py): auto / tinygemm = torchao's float
+"""The CPU drafter's int4 grid follows spec.draft_kernel (er_sglang/drafter.py, er_sglang/int4_linear.py): auto / tinygemm = torchao's float
 zero point, marlin / gemlite = the GPU drafter's integer zero point (IntZeroInt4Linear, bit for bit
 marlin_int4.dequantize_rtn(quantize_rtn(w))); requantized in place, checked bitwise, still lossless; the key's
 config values and SGLangEngine.from_config's auto -> marlin."""

@@ -6,7 +6,7 @@ instance only; outside draft_mode it calls SGLang's own) runs `DraftHead.logits`
     K > 0   logits [B, V] = -inf everywhere, then the K columns `ids` <- hidden @ W_hat[ids]^T
     K = 0   logits [B, V] = hidden @ W_hat^T
     W_hat   "shared": a bf16 copy of the rows; "int4": RTN g128 through the draft linears' Marlin path (marlin_int4);
-            "int8": the CPU head's per-row symmetric int8 codes (drafter.quantize_int8; scale rounded to bf16) through
+            "int8": the CPU head's per-row symmetric int8 codes (int4_linear.quantize_int8; scale rounded to bf16) through
             Marlin's GPTQ 8-bit channelwise GEMM (uint8b128). Quantized rows are zero-padded to a multiple of 64
             (Marlin's N tile); the padding's logits are dropped.
 
@@ -174,7 +174,7 @@ class DraftHead:
 # ---- the quantized rows in Marlin's layouts ------------------------------------------------------------------
 def _int8_rtn(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """rows [N, H] -> (codes int8 [N, H], scales [N] in the rows' dtype): the CPU head's per-row symmetric int8
-    (drafter.quantize_int8, s = max|w| / 127.5), its scale rounded to bf16 for Marlin's bf16 scale operand."""
+    (int4_linear.quantize_int8, s = max|w| / 127.5), its scale rounded to bf16 for Marlin's bf16 scale operand."""
     from er_sglang.int4_linear import quantize_int8
 
     codes, scales = quantize_int8(rows)

@@ -13,12 +13,12 @@ gemlite   gemlite's A16W4 Triton GEMV/GEMM (W_group_mode 3) on the SAME codes, s
           Marlin (zeros stored as bf16, exact for 0..15): w_hat = (q - z)·s. Layout: W_q [K/8, N] int32 (8 codes
           along K per word, low nibble first = marlin_int4.pack_gptq), scales and zeros [K/g, N].
 tinygemm  torch's aten._weight_int4pack_mm (torchao's int4 tinygemm kernel) with torchao's tinygemm RTN, which
-          is the CPU reference drafter's own quantization (er_sglang/drafter.quantize_rtn):
+          is the CPU reference drafter's own quantization (er_sglang/int4_linear.quantize_rtn):
               s = (max - min) / 15, zero = min + 8·s (bf16), q = round((w - (zero - 8·s)) / s), w_hat = (q - 8)·s + zero
           a float zero point and a grid anchored at the group's min, where Marlin's is anchored at 0 (integer z):
           both round to a grid of step s, so their w_hat differ by less than s (some weights by one grid point).
           The reference engine runs this grid for spec.draft_kernel auto / tinygemm and Marlin's integer-zero grid
-          for marlin / gemlite (er_sglang/drafter.IntZeroInt4Linear), so every GPU kernel has its CPU twin.
+          for marlin / gemlite (er_sglang/int4_linear.IntZeroInt4Linear), so every GPU kernel has its CPU twin.
           (scripts/bench_int4_gemv.py times the same kernel on Marlin's codes instead, with zero = bf16((8 - z)·s):
           same bytes, same time.)
 Numerics beyond the weights: each kernel sums in its own order (fp32 accumulators; gemlite's split-K, and Marlin's
