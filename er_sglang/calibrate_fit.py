@@ -20,15 +20,8 @@ import json
 
 import numpy as np
 
-from er_sglang.roofline import (
-    SHAPE_KEYS,
-    Roofline,
-    RooflineParams,
-    expected_accept_len,
-    fit_flops,
-    fit_stage1,
-    fit_stage2,
-)
+from er_sglang.roofline import SHAPE_KEYS, Roofline, RooflineParams, expected_accept_len
+from er_sglang.roofline_fit import fit_flops, fit_stage1, fit_stage2
 
 MAIN_SEQ = 2048
 MAX_POINT_TOKENS = 2 ** 18  # B*S above this at a non-main S: its prefill costs more than the point tells
@@ -65,7 +58,7 @@ def split_heldout(ar, sd) -> tuple[list[bool], list[bool]]:
 
 def draft_ms(r) -> float:
     """All draft work of a measured SD step: gamma * one forward (t_draft_step_ms; records without it hold
-    one forward in t_draft_ms, as in roofline._draft_step_records)."""
+    one forward in t_draft_ms, as in roofline_fit._draft_step_records)."""
     one = r.get("t_draft_step_ms")
     return int(r["gamma"]) * float(one if one is not None else r["t_draft_ms"])
 

@@ -32,12 +32,9 @@ from er_sglang.roofline import (
     Roofline,
     RooflineParams,
     expected_accept_len,
-    fit_stage1,
-    fit_stage2,
-    load_records,
     model_constants,
-    validate,
 )
+from er_sglang.roofline_fit import fit_stage1, fit_stage2, load_records, validate
 
 
 def _parse_accept_len(text: str):

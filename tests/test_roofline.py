@@ -9,6 +9,7 @@ import pytest
 
 from er_sglang import roofline as rl
 from er_sglang import roofline_cli
+from er_sglang import roofline_fit as rf
 
 ROOT = Path(__file__).resolve().parents[1]
 A100 = ROOT / "configs" / "roofline" / "a100_tp1_qwen2.5-7b.json"
@@ -144,7 +145,7 @@ def test_roofline_fit_stage1_recovers_params():
         r["batch"] * (TRUTH.C_dense + r["seq"] * TRUTH.C_attn) / TRUTH.F
         > (TRUTH.W_t + TRUTH.kappa * r["batch"] * r["seq"]) / TRUTH.BW for r in ar]
     assert 0 < sum(is_compute_bound) < len(ar)  # both branches of the max() are exercised
-    BW, kappa, c_T = rl.fit_stage1(ar, TRUTH.F, TRUTH.W_t, TRUTH.C_dense, TRUTH.C_attn)
+    BW, kappa, c_T = rf.fit_stage1(ar, TRUTH.F, TRUTH.W_t, TRUTH.C_dense, TRUTH.C_attn)
     assert BW == pytest.approx(TRUTH.BW, rel=0.02)
     assert kappa == pytest.approx(TRUTH.kappa, rel=0.02)
     assert c_T == pytest.approx(TRUTH.c_T, rel=0.02)
@@ -153,17 +154,17 @@ def test_roofline_fit_stage1_recovers_params():
 def test_roofline_fit_stage2_recovers_params():
     _, sd = _synthetic(TRUTH)
     start = replace(TRUTH, eta_d=1.0, c_D=0.0, c_V=0.0, o_D=0.0, o_V=0.0)
-    fit = rl.fit_stage2(sd, start)
+    fit = rf.fit_stage2(sd, start)
     for key in ("eta_d", "c_D", "c_V", "o_D", "o_V"):
         assert fit[key] == pytest.approx(getattr(TRUTH, key), rel=0.02), key
 
 
 def test_roofline_validate_synthetic_is_exact():
     ar, sd = _synthetic(rl.RooflineParams.from_json(A100))
-    report = rl.validate(rl.RooflineParams.from_json(A100), ar, sd, rl.COLD_START_ACCEPT_LEN)
+    report = rf.validate(rl.RooflineParams.from_json(A100), ar, sd, rl.COLD_START_ACCEPT_LEN)
     assert report["t_target_mape"] < 1e-9 and report["t_draft_mape"] < 1e-9 and report["t_verify_mape"] < 1e-9
     assert report["toggle_sign_accuracy"] == 1.0 and report["num_sign_points"] == len(sd)
-    worse = rl.validate(replace(TRUTH), ar, sd, rl.COLD_START_ACCEPT_LEN)
+    worse = rf.validate(replace(TRUTH), ar, sd, rl.COLD_START_ACCEPT_LEN)
     assert worse["t_target_mape"] > 1.0 and worse["toggle_sign_accuracy"] < 1.0
 
 
@@ -225,7 +226,7 @@ def test_roofline_cli_plot_writes_png(tmp_path):
 def test_roofline_records_from_bench_step_use_one_draft_step():
     """bench_step's t_draft_ms is all gamma draft forwards; the fit must read t_draft_step_ms (one forward),
     else eta_d / c_D come out ~gamma x too large. gamma = 0 SD rows (plain decode) are not SD points."""
-    from er_sglang.roofline import _draft_step_records, load_records
+    from er_sglang.roofline_fit import _draft_step_records, load_records
 
     path = Path(__file__).resolve().parents[1] / "docs/results/bench_step_h200_flashinfer.json"
     ar, sd = load_records(str(path))
@@ -255,14 +256,14 @@ def test_roofline_config_without_overheads_reads_zero():
 def test_roofline_fit_stage1_fixed_kappa_one_seq():
     """One S: kappa*S/BW and c_T are the same slope in B, so kappa is held at the given value."""
     ar, _ = _synthetic(TRUTH, batches=(1, 4, 16, 64), seqs=(2048,))
-    BW, kappa, c_T = rl.fit_stage1(ar, TRUTH.F, TRUTH.W_t, TRUTH.C_dense, TRUTH.C_attn, kappa=TRUTH.kappa)
+    BW, kappa, c_T = rf.fit_stage1(ar, TRUTH.F, TRUTH.W_t, TRUTH.C_dense, TRUTH.C_attn, kappa=TRUTH.kappa)
     assert kappa == TRUTH.kappa
     assert BW == pytest.approx(TRUTH.BW, rel=1e-3) and c_T == pytest.approx(TRUTH.c_T, rel=1e-3)
 
 
 def test_roofline_fit_flops_recovers_F_from_verify():
     _, sd = _synthetic(TRUTH)
-    assert rl.fit_flops(sd, replace(TRUTH, F=1e17, c_V=0.0, o_V=0.0)) == pytest.approx(TRUTH.F, rel=0.01)
+    assert rf.fit_flops(sd, replace(TRUTH, F=1e17, c_V=0.0, o_V=0.0)) == pytest.approx(TRUTH.F, rel=0.01)
 
 
 def test_roofline_cli_bstar_is_last_paying_batch(a100):
