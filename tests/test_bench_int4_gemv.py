@@ -1,5 +1,6 @@
-"""scripts/bench_int4_gemv.py on CPU: shapes and bytes, the packings (AWQ / GPTQ-v1 nibble order, tinygemm's
-float zero point), the draft-step sums, and a whole run with fake variants (JSON schema, skip on error)."""
+"""scripts/bench_int4_gemv.py (+ _kernels.py) on CPU: shapes and bytes, the packings (AWQ / GPTQ-v1 nibble
+order, tinygemm's float zero point), the draft-step sums, and a whole run with fake variants (JSON schema,
+skip on error)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import torch
 
 from er_sglang.sglang.marlin_int4 import dequantize_rtn, quantize_rtn
 from scripts import bench_int4_gemv as bg
+from scripts import bench_int4_gemv_kernels as bk
 from tests.tiny import one_thread  # noqa: F401 - autouse: one torch thread per test
 
 TINY = {"hidden_size": 256, "intermediate_size": 384, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -30,43 +32,43 @@ def test_layer_shapes_qwen7b_llama8b_and_head_dim():
 
 def test_int4_bytes_by_hand():
     # qkv: 4608*3584/2 codes + 4608*28 groups * (2 B scale + 0.5 B zero)
-    assert bg.int4_bytes(4608, 3584) == 8_257_536 + 258_048 + 64_512
-    assert bg.int4_bytes(152064, 3584) == 272_498_688 + 10_644_480
-    assert bg.int4_bytes(4608, 3584, zero_bits=16) == 8_257_536 + 258_048 * 2  # tinygemm: bf16 zero
-    assert bg.tensor_bytes({"w": torch.empty(152064, 3584, dtype=torch.bfloat16), "n": 3}) == 1_089_994_752
+    assert bk.int4_bytes(4608, 3584) == 8_257_536 + 258_048 + 64_512
+    assert bk.int4_bytes(152064, 3584) == 272_498_688 + 10_644_480
+    assert bk.int4_bytes(4608, 3584, zero_bits=16) == 8_257_536 + 258_048 * 2  # tinygemm: bf16 zero
+    assert bk.tensor_bytes({"w": torch.empty(152064, 3584, dtype=torch.bfloat16), "n": 3}) == 1_089_994_752
 
 
 def test_pack_cols_nibble_orders_by_hand():
     v = torch.arange(1, 9).view(1, 8)
-    assert bg.pack_cols(v, bg.SEQ_ORDER).item() == 0x87654321 - 2**32
+    assert bk.pack_cols(v, bk.SEQ_ORDER).item() == 0x87654321 - 2**32
     # AWQ: nibble i holds column [0, 2, 4, 6, 1, 3, 5, 7][i] -> values 1,3,5,7,2,4,6,8 from the low nibble
-    assert bg.pack_cols(v, bg.AWQ_ORDER).item() == 0x86427531 - 2**32
-    assert bg.pack_cols(torch.full((2, 16), 15), bg.AWQ_ORDER).tolist() == [[-1, -1], [-1, -1]]
+    assert bk.pack_cols(v, bk.AWQ_ORDER).item() == 0x86427531 - 2**32
+    assert bk.pack_cols(torch.full((2, 16), 15), bk.AWQ_ORDER).tolist() == [[-1, -1], [-1, -1]]
 
 
 def test_awq_and_gptq_layouts_read_int4_bytes():
     q, s, z = quantize_rtn(torch.randn(256, 512) * 0.02)
-    awq = {"qweight": bg.pack_cols(q.t().contiguous(), bg.AWQ_ORDER), "scales": s.t().contiguous(),
-           "qzeros": bg.pack_cols(z.t().contiguous(), bg.AWQ_ORDER)}
+    awq = {"qweight": bk.pack_cols(q.t().contiguous(), bk.AWQ_ORDER), "scales": s.t().contiguous(),
+           "qzeros": bk.pack_cols(z.t().contiguous(), bk.AWQ_ORDER)}
     assert awq["qweight"].shape == (512, 32) and awq["qzeros"].shape == (4, 32)
-    assert bg.tensor_bytes(awq) == bg.int4_bytes(256, 512)
+    assert bk.tensor_bytes(awq) == bk.int4_bytes(256, 512)
 
 
 def test_tinygemm_zero_map_by_hand():
     # (q - z) * s = (q - 8) * s + (8 - z) * s: s = 0.5, z = 3 -> zf = 2.5; q = 3 -> 0, q = 15 -> 6
-    sz = bg.tinygemm_scales_zeros(torch.tensor([[0.5]]), torch.tensor([[3]], dtype=torch.uint8))
+    sz = bk.tinygemm_scales_zeros(torch.tensor([[0.5]]), torch.tensor([[3]], dtype=torch.uint8))
     assert sz.shape == (1, 1, 2) and sz.dtype == torch.bfloat16 and sz[0, 0].tolist() == [0.5, 2.5]
     q = torch.tensor([[3, 15] + [8] * 126], dtype=torch.uint8)
-    assert bg.tinygemm_dequant(q, sz)[0, :3].tolist() == [0.0, 6.0, 2.5]
+    assert bk.tinygemm_dequant(q, sz)[0, :3].tolist() == [0.0, 6.0, 2.5]
 
 
 def test_tinygemm_zero_map_within_bf16_rounding_of_rtn():
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 0.02
     q, s, z = quantize_rtn(w)
-    sz = bg.tinygemm_scales_zeros(s, z)
+    sz = bk.tinygemm_scales_zeros(s, z)
     assert sz.shape == (4, 64, 2)
     w_hat = dequantize_rtn(q, s, z).float()
-    dev = (bg.tinygemm_dequant(q, sz) - w_hat).abs()
+    dev = (bk.tinygemm_dequant(q, sz) - w_hat).abs()
     zf = sz[..., 1].t().float().repeat_interleave(128, dim=1)  # [N, K]: each weight's float zero
     # zf = (8 - z) * s rounded to bf16 (8 significant bits): |error| <= |zf| * 2^-8, w_hat's own bf16 rounding
     assert (dev <= zf.abs() * 2**-8 + w_hat.abs() * 2**-8 + 1e-9).all()
@@ -76,15 +78,15 @@ def test_tinygemm_zero_map_within_bf16_rounding_of_rtn():
 def test_tinygemm_cpu_kernel_matches_rtn_end_to_end():
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         pytest.skip("no CPU int4pack ops in this torch")
-    L = bg.make_layer("o", 64, 256, "cpu")
-    b = bg.build_tinygemm(L)
+    L = bk.make_layer("o", 64, 256, "cpu")
+    b = bk.build_tinygemm(L)
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     assert bg.rel_err(b.make(b.weights)(x), x, L.w_hat) < 1e-2
     assert b.info["max_dev_over_scale"] <= 8 * 2**-8 + 1e-6  # |8 - z| <= 8 scale steps, bf16 rounding
 
 
 def test_int8_rowwise_by_hand():
-    w8, s = bg.int8_rowwise(torch.tensor([[0.5, -1.27, 0.0, 0.004]]))
+    w8, s = bk.int8_rowwise(torch.tensor([[0.5, -1.27, 0.0, 0.004]]))
     assert s.dtype == torch.bfloat16 and abs(s.item() - 0.01) < 1e-4
     assert w8.tolist() == [[50, -127, 0, 0]]
 
@@ -120,7 +122,7 @@ def _flaky(L):  # fails at M = 2 only
                 raise RuntimeError("boom at M=2\nsecond line")
             return torch.nn.functional.linear(x, t["w"])
         return fn
-    return bg.Built({"w": L.w}, make, L.w)
+    return bk.Built({"w": L.w}, make, L.w)
 
 
 def _no_lib(L):
@@ -130,11 +132,11 @@ def _no_lib(L):
 def _bad_o(L):
     if L.name == "o":
         raise ValueError("shape refused")
-    return bg.build_bf16(L)
+    return bk.build_bf16(L)
 
 
-REGISTRY = {"bf16": ("bf16", bg.build_bf16), "no_lib": ("int4", _no_lib), "flaky": ("int4", _flaky),
-            "bad_o": ("int4", _bad_o), "tinygemm": ("int4", bg.build_tinygemm)}
+REGISTRY = {"bf16": ("bf16", bk.build_bf16), "no_lib": ("int4", _no_lib), "flaky": ("int4", _flaky),
+            "bad_o": ("int4", _bad_o), "tinygemm": ("int4", bk.build_tinygemm)}
 
 
 
@@ -169,7 +171,7 @@ def test_run_bench_cpu_json_schema_and_skip_on_error(tmp_path):
     for key in (("flaky", "qkv", 1), ("bad_o", "down", 2), ("tinygemm", "lm_head", 2)):
         r = recs[key]
         assert r["us"] > 0 and r["bytes"] > 0 and r["gb_per_s"] >= 0 and r["max_rel_err"] < 2e-2
-    assert recs[("tinygemm", "qkv", 1)]["bytes"] == bg.int4_bytes(512, 256, zero_bits=16)  # bf16 zeros
+    assert recs[("tinygemm", "qkv", 1)]["bytes"] == bk.int4_bytes(512, 256, zero_bits=16)  # bf16 zeros
     assert recs[("bf16", "lm_head", 1)]["bytes"] == 512 * 256 * 2
     steps = {(r["m"], r["variant"]) for r in res["draft_step"]}
     assert {(1, "bf16"), (2, "bf16"), (1, "flaky"), (1, "best_int4"), (2, "best_int4")} <= steps

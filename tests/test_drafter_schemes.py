@@ -194,12 +194,12 @@ def test_reference_from_config_builds_the_drafter_of_the_key(tmp_path, monkeypat
     assert not any(isinstance(m, TorchaoInt4Linear) for m in drafter.quantized_linears().values())
 
 
-# ---- scripts/draft_vocab.py --schemes: its shared-KV scoring is the engine's drafting ----------------------------
+# ---- scripts/draft_vocab.py --schemes (draft_vocab_schemes.py): its shared-KV scoring is the engine's drafting -
 
 def test_shared_kv_accept_equals_step_by_step_drafting():
     from transformers import DynamicCache
 
-    from scripts.draft_vocab import shared_kv_accept
+    from scripts.draft_vocab_schemes import shared_kv_accept
 
     target = tiny_llama(0)
     drafter = build_drafter(target, group_size=32, backend="rtn", kernel="marlin")
