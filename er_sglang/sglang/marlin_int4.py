@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from er_sglang.int4_linear import SCALE_EPS  # the scale floor of both int4 grids
+
 GROUP_SIZE = 128
-SCALE_EPS = 1e-6  # quantize_rtn's scale floor (the float-zero grid's, er_sglang/int4_linear.py)
 _SCALE_PERM = [i + 8 * j for i in range(8) for j in range(8)]  # marlin_utils.get_scale_perms()[0]
 _ZP_INTERLEAVE = [0, 2, 4, 6, 1, 3, 5, 7]
 

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("sglang")
 
 from er_sglang.engine import SamplingParams
+from er_sglang.replay import fit_alpha
 from er_sglang.sglang.engine import SGLangEngine
 
 from .conftest import small_engine_args
@@ -116,7 +117,9 @@ def test_sd_output_distribution_equals_ar(eng):
     eng.rpc("set_gamma", gamma=-1)
     pvals = [_contingency_pvalue([o[j] for o in ar], [o[j] for o in sd]) for j in range(1, pos)]
     top = [Counter(o[j] for o in ar).most_common(3) for j in range(pos)]
-    alpha = per_token_alpha(st_sd.accept_hist_by_gamma, 5)
+    # per-token alpha, MLE accepted / (accepted + first rejections): accepted / drafted under-counts a chain, whose
+    # drafts after the first rejection are never judged (0.46 at alpha = 0.75, gamma = 5)
+    alpha = fit_alpha({5: st_sd.accept_hist_by_gamma.get(5, {})})
     record("distribution", {"n": n, "pvalues_pos1_3": pvals, "ar_top3": top,
                             "sd_accept_rate": st_sd.accept_rate, "sd_alpha_per_token": alpha,
                             "sd_accept_len_hist": st_sd.accept_len_hist, "sd_gamma_hist": st_sd.gamma_hist,
@@ -127,17 +130,6 @@ def test_sd_output_distribution_equals_ar(eng):
     # embeddings carry its residual stream, conftest.make_tiny_qwen2: alpha ~0.75 on the CPU)
     assert alpha >= 0.5, (alpha, st_sd.accept_len_hist)
 
-
-def per_token_alpha(hist_by_gamma: dict, gamma: int) -> float:
-    """Per-token acceptance alpha of a chain draft (MLE from one gamma's accept-length histogram): every draft
-    up to the first rejection is judged, A accepted and one rejected per step that stopped short, so alpha =
-    A / (A + R). accepted / drafted under-counts it: drafts after the first rejection are never judged (at
-    gamma = 5 and alpha = 0.75 it is 0.46)."""
-    hist = hist_by_gamma.get(gamma, hist_by_gamma.get(str(gamma), {}))
-    hist = {int(k): int(v) for k, v in hist.items()}
-    judged_ok = sum(k * v for k, v in hist.items())
-    rejected = sum(v for k, v in hist.items() if k < gamma)
-    return judged_ok / max(judged_ok + rejected, 1)
 
 
 def _perturbed_state_dict(path: str, scale: float):
