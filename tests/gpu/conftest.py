@@ -6,6 +6,7 @@ import os
 import pytest
 
 TINY_DIR = os.environ.get("ER_TINY_DIR", "/tmp/er_tiny_qwen2_hd128_g4_e30")
+PROMPT = [11, 22, 33, 44, 55, 66, 77, 88, 99, 111, 222, 333, 444, 555, 666, 777]  # the lossless test's prompt
 
 
 def make_tiny_qwen2(path: str = TINY_DIR, peak: float = 10.0, embed_scale: float = 30.0, seed: int = 0) -> str:
@@ -15,8 +16,9 @@ def make_tiny_qwen2(path: str = TINY_DIR, peak: float = 10.0, embed_scale: float
 
     Embeddings scaled by `embed_scale`: with plain random init the int4 layers' error dominates the residual
     stream and the draft accepts 0.24 at T = 1 (device run of 2026-12-05: 0.23); with the token's embedding
-    carrying the stream, as in trained models, the int4 draft accepts about 0.75 (CPU estimate, this grid)
-    while the next-token distribution stays peaked (top-1 0.54, top-3 0.80) and context-dependent."""
+    carrying the stream, as in trained models, the int4 draft accepts about 0.75 while the next-token
+    distribution stays peaked (top-1 0.54, top-3 0.81) and context-dependent (CPU estimate, Marlin's grid:
+    scripts/tiny_accept.py, docs/benchmarks.md §11)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

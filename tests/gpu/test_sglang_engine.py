@@ -20,12 +20,11 @@ from er_sglang.engine import SamplingParams
 from er_sglang.replay import fit_alpha
 from er_sglang.sglang.engine import SGLangEngine
 
-from .conftest import small_engine_args
+from .conftest import PROMPT, small_engine_args
 
 pytestmark = pytest.mark.gpu
 RESULTS = os.environ.get("ER_GPU_RESULTS", "/tmp/er_gpu_results")
 ROOFLINE = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "roofline", "a100_tp1_qwen2.5-7b.json")
-PROMPT = [11, 22, 33, 44, 55, 66, 77, 88, 99, 111, 222, 333, 444, 555, 666, 777]
 
 
 def record(name: str, payload: dict) -> None:
