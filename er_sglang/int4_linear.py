@@ -40,6 +40,9 @@ from torch import nn
 BACKENDS = ("auto", "torchao", "rtn")
 KERNELS = ("auto", "marlin", "tinygemm", "gemlite")  # spec.draft_kernel: which grid the CPU drafter quantizes to
 INT_ZERO_KERNELS = ("marlin", "gemlite")  # the GPU kernels on Marlin's integer-zero codes (int4_kernels.py)
+# "auto" per engine: on the GPU Marlin (the fastest int4 GEMM at decode sizes measured on the H100,
+# docs/benchmarks.md); on the CPU the float-zero grid, which torchao's CPU int4 kernel runs
+AUTO_KERNEL = {"sglang": "marlin", "reference": "tinygemm"}
 QMAX = 15  # 4-bit codes 0..15
 MID = 8  # tinygemm's zero point sits at code 8: w_hat = (q - 8)·s + zero
 SCALE_EPS = 1e-6  # torchao's eps for int4 scales
@@ -155,6 +158,17 @@ class IntZeroInt4Linear(RtnInt4Linear):
         from er_sglang.sglang.marlin_int4 import dequantize_rtn as dequantize_int_zero
 
         return dequantize_int_zero(codes, scales, zeros, self.group_size).to(dtype)
+
+
+def resolve_kernel(kernel: str, engine: str) -> str:
+    """spec.draft_kernel as `engine` ("sglang" or "reference") runs it: "auto" -> AUTO_KERNEL[engine]."""
+    return AUTO_KERNEL[engine] if kernel == "auto" else kernel
+
+
+def draft_grid(kernel: str, engine: str) -> str:
+    """The int4 grid spec.draft_kernel quantizes to on `engine`: "int_zero" (Marlin's and gemlite's integer
+    zero points) or "float_zero" (tinygemm's). Acceptance compares only between runs on the same grid."""
+    return "int_zero" if resolve_kernel(kernel, engine) in INT_ZERO_KERNELS else "float_zero"
 
 
 def _torchao_tensor_cls(device_type: str):

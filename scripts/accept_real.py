@@ -3,8 +3,8 @@
     # here (CPU)
     python scripts/accept_real.py prompts --model qwen2.5-coder-0.5b-instruct --n 24 \\
         --out tests/gpu/data/math_prompts_q05.json
-    python scripts/accept_real.py cpu --model qwen2.5-coder-0.5b-instruct \\
-        --prompts tests/gpu/data/math_prompts_q05.json --json docs/results/accept_q05_cpu.json
+    python scripts/accept_real.py cpu --model qwen2.5-coder-0.5b-instruct --draft-kernel marlin \\
+        --prompts tests/gpu/data/math_prompts_q05.json --json docs/results/accept_q05_cpu_marlin.json
     python scripts/accept_real.py stage --model qwen2.5-coder-0.5b-instruct --dir .stage --chunk-mib 60
     # device: one call per chunk (carry .stage/cNN, `cp -r .stage/cNN /tmp/stage/`), then
     python scripts/accept_real.py assemble --stage /tmp/stage --out /tmp/q05
@@ -14,6 +14,8 @@ The model travels as its GGUF (469 MiB for the 0.5B) in chunks, each a git-ignor
 one device call; `assemble` checks every chunk's sha256 and the whole file's, then converts it to a bf16
 safetensors checkpoint with models.convert_gguf (the path er_sglang.models takes for an alias).
 
+--draft-kernel picks the int4 grid (the GPU's Marlin: integer zero points; the CPU's default: float zero
+points); compare acceptance between runs on the same grid (`draft_grid` in the JSON).
 Both engines run spec mode rtn (gamma fixed on every step, chain rejection sampling), top_p 1 and stop on
 the prompt file's stop tokens. accept_rate = accepted / drafted draft tokens; mean_accept_len = tokens
 emitted per sequence per verify step, bonus token included (= 1 + gamma * accept_rate).
@@ -32,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from er_sglang.int4_linear import KERNELS, draft_grid  # torch only: the device image has no omegaconf
+
 TEMPLATE = "chatml"  # question + \boxed{} instruction as the user turn, through the model's chat template
 BLOCK = 1 << 24
 
@@ -125,7 +129,7 @@ def cmd_cpu(args) -> None:
 
     data = read_prompts(args.prompts, args.model)
     cfg = RolloutJob(model=ModelConfig(path=args.model, dtype=args.dtype),
-                     spec=SpecConfig(mode="rtn", gamma=args.gamma, group_size=128))
+                     spec=SpecConfig(mode="rtn", gamma=args.gamma, group_size=128, draft_kernel=args.draft_kernel))
     engine = ReferenceEngine.from_config(cfg, progress=sys.stderr.isatty())
     load0 = os.getloadavg()[0]  # wall_s means little when other jobs share the cores
     t0 = time.perf_counter()
@@ -133,6 +137,7 @@ def cmd_cpu(args) -> None:
     wall_s = time.perf_counter() - t0
     rec = summarize(data, rollouts, engine.stats(), wall_s, device="cpu", engine="reference",
                     model=args.model, dtype=args.dtype, drafter=f"int4 rtn g128 ({engine.drafter.backend})",
+                    draft_kernel=args.draft_kernel, draft_grid=draft_grid(args.draft_kernel, "reference"),
                     gamma=args.gamma, temperature=args.temperature, top_p=1.0,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, threads=torch.get_num_threads(),
                     load_avg_1m=[round(load0, 2), round(os.getloadavg()[0], 2)])
@@ -148,7 +153,8 @@ def cmd_gpu(args) -> None:
     data = read_prompts(args.prompts, args.model)
     bs_max = max(32, len(data["prompts"]))
     # rtn: gamma is the only candidate (graph states for B <= bs_max); set_gamma pins it besides
-    spec = {"mode": "rtn", "gamma": args.gamma, "gamma_ladder": [args.gamma], "bs_max": bs_max}
+    spec = {"mode": "rtn", "gamma": args.gamma, "gamma_ladder": [args.gamma], "bs_max": bs_max,
+            "draft_kernel": args.draft_kernel}
     sglang_args = {"attention_backend": args.backend, "mem_fraction_static": 0.5, "random_seed": args.seed,
                    "max_running_requests": bs_max, "cuda_graph_max_bs_decode": bs_max,
                    "disable_prefill_cuda_graph": True, "log_level": "warning"}
@@ -165,7 +171,9 @@ def cmd_gpu(args) -> None:
     finally:
         eng.shutdown()
     rec = summarize(data, rollouts, stats, wall_s, device=torch.cuda.get_device_name(0), engine="sglang",
-                    backend=args.backend, model=args.model, dtype="bfloat16", drafter="int4 rtn g128 (Marlin)",
+                    backend=args.backend, model=args.model, dtype="bfloat16",
+                    drafter=f"int4 rtn g128 ({args.draft_kernel})", draft_kernel=args.draft_kernel,
+                    draft_grid=draft_grid(args.draft_kernel, "sglang"),
                     gamma=args.gamma, temperature=args.temperature, top_p=1.0,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, threads=torch.get_num_threads(),
                     startup_s=round(startup_s, 1), sglang_args=sglang_args)
@@ -303,6 +311,10 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--seed", type=int, default=0)
         r.add_argument("--json", required=True)
     sub.choices["cpu"].add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    sub.choices["cpu"].add_argument("--draft-kernel", default="auto", choices=list(KERNELS),
+                                    help="the int4 grid: auto/tinygemm float zero points (torchao's CPU kernel), "
+                                         "marlin/gemlite the GPU's integer zero points (plain PyTorch here)")
+    sub.choices["gpu"].add_argument("--draft-kernel", default="marlin", choices=[k for k in KERNELS if k != "auto"])
     sub.choices["gpu"].add_argument("--backend", default="triton", choices=["triton", "flashinfer", "fa3"],
                                     help="triton: head_dim 64 is not in the prebuilt flashinfer JIT cache")
     s = sub.add_parser("stage", help="split an alias's GGUF into chunk folders for device calls")

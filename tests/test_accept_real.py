@@ -99,3 +99,19 @@ def test_read_prompts_rejects_another_model(tmp_path):
     (converted / "er_source.json").write_text(json.dumps({"gguf_sha256": "cd" * 32}))
     with pytest.raises(ValueError, match="was tokenized for qwen2.5-coder-0.5b-instruct"):
         accept_real.read_prompts(str(prompts), str(converted))
+
+
+def test_draft_grid_names_the_grid_each_engine_quantizes_to():
+    assert accept_real.draft_grid("auto", "sglang") == "int_zero"  # the GPU default: Marlin
+    assert accept_real.draft_grid("auto", "reference") == "float_zero"  # the CPU default: torchao's grid
+    assert accept_real.draft_grid("marlin", "reference") == "int_zero"
+    assert accept_real.draft_grid("gemlite", "sglang") == "int_zero"
+    assert accept_real.draft_grid("tinygemm", "sglang") == "float_zero"
+
+
+def test_cpu_and_gpu_take_a_draft_kernel():
+    p = accept_real._parser()
+    assert p.parse_args(["cpu", "--model", "m", "--prompts", "p", "--json", "j"]).draft_kernel == "auto"
+    assert p.parse_args(["gpu", "--model", "m", "--prompts", "p", "--json", "j"]).draft_kernel == "marlin"
+    with pytest.raises(SystemExit):
+        p.parse_args(["gpu", "--model", "m", "--prompts", "p", "--json", "j", "--draft-kernel", "auto4"])

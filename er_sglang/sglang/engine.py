@@ -17,6 +17,7 @@ import os
 import time
 
 from er_sglang.engine import Rollout, SamplingParams, SpecStats, per_request_seeds, request_seed
+from er_sglang.int4_linear import resolve_kernel
 from er_sglang.sglang.gamma import SPEC_ENV, candidate_gammas
 
 # GPU defaults; `sglang:` overrides them (attention_backend: triton / fa3 with a full install). The device
@@ -135,7 +136,7 @@ class SGLangEngine:
                 "gamma_ladder": [int(g) for g in _get(cfg, "spec.gamma_ladder", (5, 7, 9, 11))],
                 "roofline": _get(cfg, "spec.roofline") or _get(cfg, "roofline.path"),
                 "timing": bool(_get(cfg, "spec.timing", False)), "bs_max": _get(cfg, "spec.bs_max"),
-                "draft_kernel": {"auto": "marlin"}.get(kern := str(_get(cfg, "spec.draft_kernel", "auto")), kern),
+                "draft_kernel": resolve_kernel(str(_get(cfg, "spec.draft_kernel", "auto")), "sglang"),
                 "policy": {k: _plain(_get(cfg, f"spec.{k}")) for k in POLICY_KEYS
                            if _get(cfg, f"spec.{k}") is not None},
                 "draft_vocab": int(_get(cfg, "spec.draft_vocab", 0) or 0),

@@ -2,7 +2,8 @@
 scripts/accept_real.py (`assemble --out /tmp/q05`; ER_REAL_MODEL names the dir).
 
 - acceptance of the int4 self-drafter on MATH prompts at T=1, gamma=3, next to the CPU reference engine's
-  on the same prompt ids (docs/results/accept_q05_cpu.json);
+  on the same prompt ids and the same int4 grid (docs/results/accept_q05_cpu_marlin.json: Marlin's integer
+  zero points; accept_q05_cpu.json is the CPU default's float-zero grid);
 - lossless with real acceptance: the marginals of emitted tokens 2..4 at gamma=3 equal plain decoding's
   (gamma=0 on the same engine, the target's own decode step), chi-square, with accept rate >= 0.5.
 
@@ -34,13 +35,13 @@ from .test_sglang_engine import RESULTS, _contingency_pvalue, record
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = os.path.join(ROOT, "tests", "gpu", "data", "math_prompts_q05.json")
-CPU = os.path.join(ROOT, "docs", "results", "accept_q05_cpu.json")
+CPU = os.path.join(ROOT, "docs", "results", "accept_q05_cpu_marlin.json")  # the GPU default's grid
 
 
 def test_acceptance_next_to_the_cpu_reference():
     out = os.path.join(RESULTS, "accept_q05_gpu.json")
     args = argparse.Namespace(model=MODEL, prompts=PROMPTS, gamma=3, temperature=1.0, max_new_tokens=128, seed=0,
-                              json=out, backend="triton")
+                              json=out, backend="triton", draft_kernel="marlin")
     accept_real.cmd_gpu(args)
     with open(out) as f:
         gpu = json.load(f)
@@ -50,6 +51,7 @@ def test_acceptance_next_to_the_cpu_reference():
                                       "num_tokens": d["num_tokens"], "device": d["device"]}
                                   for k, d in (("gpu", gpu), ("cpu", cpu))})
     assert gpu["num_prompts"] == cpu["num_prompts"] and set(gpu["gamma_hist"]) == {"3"}
+    assert gpu["draft_grid"] == cpu["draft_grid"] == "int_zero", (gpu["draft_grid"], cpu["draft_grid"])
     # bf16 target and Marlin draft vs fp32 CPU: statistically equal acceptance (s.e. ~0.006 per engine)
     assert abs(gpu["accept_rate"] - cpu["accept_rate"]) <= 0.03, (gpu["accept_rate"], cpu["accept_rate"])
 
