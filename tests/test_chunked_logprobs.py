@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from er_sglang.config import ConfigError, load_config
 from orchestrator import grpo
+from orchestrator import logprobs as logprobs_mod
 from orchestrator import trainer as trainer_mod
 from orchestrator.batch import column_span, micro_batches
 from orchestrator.config import TrainConfig
@@ -63,7 +64,7 @@ def test_chunked_forward_equals_unchunked_values_and_gradients(tied):
     ref_logp, ref_ent = _unchunked(model, ids, attn, temperature=0.7)
     ref_grads = _grads(model, ref_logp, ref_ent, attn)
     for chunk in (5, 7, 0):
-        logp, ent = trainer_mod._forward(model, ids, attn, 0.7, with_entropy=True, entropy_grad=True,
+        logp, ent = logprobs_mod.token_scores(model, ids, attn, 0.7, with_entropy=True, entropy_grad=True,
                                          chunk_tokens=chunk)
         torch.testing.assert_close(logp, ref_logp, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(ent, ref_ent, atol=1e-6, rtol=1e-6)
@@ -72,7 +73,7 @@ def test_chunked_forward_equals_unchunked_values_and_gradients(tied):
             torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-5, msg=name)
     assert model.get_output_embeddings().forward.__func__ is torch.nn.Linear.forward  # the head is restored
     with torch.no_grad():
-        out = trainer_mod.compute_logprobs(model, ids, attn, attn, 0.7, [torch.tensor([2, 0]), torch.tensor([1])],
+        out = logprobs_mod.compute_logprobs(model, ids, attn, attn, 0.7, [torch.tensor([2, 0]), torch.tensor([1])],
                                            chunk_tokens=4)
     torch.testing.assert_close(out, ref_logp * attn, atol=1e-6, rtol=1e-6)
 
@@ -98,7 +99,7 @@ class _LargestVocabTensor(TorchDispatchMode):
 
 def _largest_vocab_tensor(model, ids, attn, chunk):
     with _LargestVocabTensor() as mode:
-        logp, ent = trainer_mod._forward(model, ids, attn, 1.0, with_entropy=True, entropy_grad=True,
+        logp, ent = logprobs_mod.token_scores(model, ids, attn, 1.0, with_entropy=True, entropy_grad=True,
                                          chunk_tokens=chunk)
         _loss(logp, ent, attn).backward()
     return mode.numel

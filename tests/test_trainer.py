@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from er_sglang.weight_probe import merge_shard_probes, sent_probe
+from orchestrator import logprobs as logprobs_mod
 from orchestrator import trainer as trainer_mod
 from orchestrator.grpo import group_advantages
 
@@ -251,7 +252,7 @@ def test_full_state_dict_loads_into_hf_model(world1, model_path):
     hf.load_state_dict(sd, strict=True)
     # the plain HF model with these weights reproduces the trainer's log-probs and checksum
     ids, attn, resp = (BATCH_1[k] for k in trainer_mod.TOKEN_KEYS)
-    torch.testing.assert_close(trainer_mod.compute_logprobs(hf, ids, attn, resp), world1["logprobs"])
+    torch.testing.assert_close(logprobs_mod.compute_logprobs(hf, ids, attn, resp), world1["logprobs"])
     assert sum(p.double().sum().item() for p in hf.parameters()) == pytest.approx(world1["checksum"], rel=1e-9)
 
 
@@ -260,7 +261,7 @@ def test_compute_logprobs_alignment_by_hand(model_path):
     ids = torch.tensor([[0, 0, 5, 9, 17, 3]])  # 2 left pads, prompt [5, 9], response [17, 3]
     attn = torch.tensor([[0, 0, 1, 1, 1, 1]])
     resp = torch.tensor([[0, 0, 0, 0, 1, 1]])
-    out = trainer_mod.compute_logprobs(hf, ids, attn, resp, temperature=2.0)
+    out = logprobs_mod.compute_logprobs(hf, ids, attn, resp, temperature=2.0)
     with torch.no_grad():
         logits = hf(torch.tensor([[5, 9, 17, 3]])).logits[0] / 2.0  # unpadded, positions 0..3
     expected = [logits[1].log_softmax(-1)[17], logits[2].log_softmax(-1)[3]]
