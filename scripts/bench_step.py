@@ -11,6 +11,8 @@ B), gamma pinned per point through the plugin RPC; the worker's CUDA events time
 the gamma draft forwards ("draft"; t_draft_step_ms = ONE forward incl. its sampling = draft / gamma), the
 target verify ("verify") and, at gamma = 0, the plain decode step ("decode"). Only steps that ran the full
 batch B count. AR: plain SGLang (no speculation) in a second engine of the same run.
+meta also records the model's shapes and F_eff (GEMM benchmark), so `er-calibrate --from-json OUT.json` fits
+this GPU's roofline from a run with no further measuring.
 ms_per_step_wall = (T(N+1 tokens) - T(1 token)) / steps, wall clock with the prompt cached, for both; the
 gamma = 0 vs AR comparison uses it. Points run in priority order (S=2048 first) until --limit-s; the JSON
 is rewritten after every point. --draft-kernel (spec.draft_kernel: marlin, tinygemm, gemlite) picks the int4
@@ -252,11 +254,27 @@ def cmd_profile(args) -> None:
     b.save()
 
 
+def calibration_meta(model_dir: str, f_eff: bool = True, device: str = "cuda") -> dict:
+    """What er-calibrate --from-json needs besides the records: the model's shapes, the GEMM throughput F_eff
+    of this GPU (er_sglang.calibrate.measure_f_eff, a few seconds; before any engine holds the memory) and the
+    commit measured. With it, a `run` is a complete calibration record set for its model."""
+    from er_sglang.calibrate import MODEL_CONFIG_KEYS, measure_f_eff, provenance
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    meta = {"model_config": {k: cfg[k] for k in MODEL_CONFIG_KEYS if k in cfg}, **provenance()}
+    if f_eff:
+        meta["f_eff"] = measure_f_eff(cfg, device=device)
+    return meta
+
+
 def cmd_run(args) -> None:
     import torch
 
     b = Bench(args)
     b.out["device"] = torch.cuda.get_device_name(0)
+    b.out["meta"].update(calibration_meta(args.model, f_eff=not args.no_f_eff))
+    torch.cuda.empty_cache()
     if "sd" in args.parts:
         b.run_sd()
     if "ar" in args.parts:
@@ -334,6 +352,8 @@ def main(argv=None) -> None:
     r.add_argument("--limit-s", type=float, default=540.0)
     r.add_argument("--ar-reserve-s", type=float, default=100.0)
     r.add_argument("--draft-kernel", default="marlin", choices=KERNELS, help="spec.draft_kernel of the SD engine")
+    r.add_argument("--no-f-eff", action="store_true", help="skip the GEMM benchmark (meta.f_eff) that makes the "
+                   "run's JSON an er-calibrate --from-json input")
     pr = sub.add_parser("profile")
     pr.add_argument("--model", default="/tmp/q7")
     pr.add_argument("--json", required=True)

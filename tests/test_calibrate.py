@@ -229,3 +229,41 @@ def test_calibrate_measure_mode_end_to_end_with_a_fake_engine(tmp_path, monkeypa
     assert params.F == TRUTH.F and params.meta["F_source"].startswith("GEMM benchmark")
     assert params.meta["validation"]["T_step_mape"] < 0.1 and params.meta["validation"]["sglang"] == "0.5.17"
     assert json.loads(capsys.readouterr().out)["out"] == str(out)
+
+
+def test_bench_step_run_is_a_complete_calibration_record_set(tmp_path, monkeypatch, capsys):
+    """bench_step.py run records the model's shapes and F_eff in meta, so er-calibrate --from-json fits its
+    JSON with no --model and no --flops (the issue-8 benchmark doubles as the GPU's calibration)."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT))
+    from scripts import bench_step
+
+    doc = _records(TRUTH, GRID)
+
+    def replay(mode):
+        def run(self):
+            self.out["records"] += [r for r in doc["records"] if r["mode"] == mode]
+        return run
+
+    model = tmp_path / "q7"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**QWEN25_7B, "architectures": ["Qwen2ForCausalLM"]}))
+    monkeypatch.setattr(bench_step.Bench, "run_ar", replay("ar"))
+    monkeypatch.setattr(bench_step.Bench, "run_sd", replay("sd"))
+    monkeypatch.setattr(cal, "measure_f_eff", lambda cfg, device="cuda": {"F": TRUTH.F, "by_tokens": {}})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    runs = tmp_path / "bench.json"
+    bench_step.main(["run", "--model", str(model), "--json", str(runs)])
+    meta = json.loads(runs.read_text())["meta"]
+    assert meta["model_config"] == QWEN25_7B and meta["f_eff"]["F"] == TRUTH.F and "worker_commit" in meta
+    out = tmp_path / "h200.json"
+    assert cal.main(["--from-json", str(runs), "--out", str(out), "--name", "qwen2.5-7b"]) == 0
+    params = rl.RooflineParams.from_json(out)
+    assert params.F == TRUTH.F and params.meta["F_source"].startswith("GEMM benchmark")
+    assert params.meta["validation"]["T_step_mape"] < 0.1
+    capsys.readouterr()
+
+    runs_no_f = tmp_path / "bench_no_f.json"
+    bench_step.main(["run", "--model", str(model), "--json", str(runs_no_f), "--no-f-eff"])
+    assert "f_eff" not in json.loads(runs_no_f.read_text())["meta"]
