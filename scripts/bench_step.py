@@ -11,6 +11,8 @@ B), gamma pinned per point through the plugin RPC; the worker's CUDA events time
 the gamma draft forwards ("draft"; t_draft_step_ms = ONE forward incl. its sampling = draft / gamma), the
 target verify ("verify") and, at gamma = 0, the plain decode step ("decode"). Only steps that ran the full
 batch B count. AR: plain SGLang (no speculation) in a second engine of the same run.
+If the SD engine cannot start with graph states for every B, it retries once with states up to B = 16
+(meta.sd_start_error); a part (sd, ar) that fails leaves the other's records, and the run exits non-zero.
 meta also records the model's shapes and F_eff (GEMM benchmark), so `er-calibrate --from-json OUT.json` fits
 this GPU's roofline from a run with no further measuring.
 ms_per_step_wall = (T(N+1 tokens) - T(1 token)) / steps, wall clock with the prompt cached, for both; the
@@ -27,12 +29,14 @@ import os
 import random
 import sys
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 ROOFLINE = os.path.join(ROOT, "configs", "roofline", "a100_tp1_qwen2.5-7b.json")
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
 GAMMAS = [0, 1, 2, 3, 5, 7]
+SD_FALLBACK_BS = 16  # graph states up to this B if the SD engine cannot start with all of them
 KERNELS = ("marlin", "tinygemm", "gemlite")  # spec.draft_kernel (er_sglang/sglang/int4_kernels.KERNELS)
 
 
@@ -108,11 +112,12 @@ class Bench:
                 "roofline": ROOFLINE, "timing": True, "bs_max": max(self.args.batches),
                 "draft_kernel": self.variant}
         t = time.time()
-        eng = SGLangEngine(self.args.model, spec, self.sglang_args())
+        eng = self.start_sd(SGLangEngine, spec)
         info = eng.engine.get_server_info()
         st = eng.rpc("stats")
         self.out["meta"]["max_total_num_tokens"]["argmax"] = info.get("max_total_num_tokens")
         self.out["meta"]["sd"] = {"startup_s": round(time.time() - t, 1), "draft_kernel": self.variant,
+                                  "bs_max": self.sd_bs_max,
                                   "int4_bytes": st["int4_bytes"],
                                   "num_int4_linears": st["num_int4_linears"], "graphs": st["graphs"],
                                   "graph_init_s": st["graph_init_s"],
@@ -129,10 +134,30 @@ class Bench:
                 eng.rpc("set_gamma", gamma=0)
                 self.timed(eng, prompts, 1)  # prefill once; later calls hit the prefix cache
                 for g in self.args.gammas:
-                    self.point_sd(eng, prompts, s, b, g)
+                    if g == 0 or b <= self.sd_bs_max:  # above it the worker runs gamma = 0 whatever is pinned
+                        self.point_sd(eng, prompts, s, b, g)
                 self.save()
         finally:
             eng.shutdown()
+
+    def start_sd(self, engine_cls, spec: dict):
+        """The SD engine with graph states for every gamma at every B; if it cannot start (e.g. out of memory
+        capturing them), once more with states only up to B = SD_FALLBACK_BS, where speculation can pay: the
+        run still yields the B <= 16 plane and the AR baseline. The failure is recorded in meta.sd_start_error."""
+        try:
+            eng = engine_cls(self.args.model, spec, self.sglang_args())
+            self.sd_bs_max = spec["bs_max"]
+            return eng
+        except Exception as exc:  # any start failure: one retry, then it propagates
+            if spec["bs_max"] <= SD_FALLBACK_BS:
+                raise
+            self.out["meta"]["sd_start_error"] = {"bs_max": spec["bs_max"], "error": _one_line(exc)}
+            print(f"SD engine failed to start with bs_max={spec['bs_max']} ({_one_line(exc)}); "
+                  f"retrying with bs_max={SD_FALLBACK_BS}", flush=True)
+            self.save()
+            eng = engine_cls(self.args.model, dict(spec, bs_max=SD_FALLBACK_BS), self.sglang_args())
+            self.sd_bs_max = SD_FALLBACK_BS
+            return eng
 
     def point_sd(self, eng, prompts, s, b, g) -> None:
         n = max(32, 8 * (g + 1))
@@ -275,11 +300,25 @@ def cmd_run(args) -> None:
     b.out["device"] = torch.cuda.get_device_name(0)
     b.out["meta"].update(calibration_meta(args.model, f_eff=not args.no_f_eff))
     torch.cuda.empty_cache()
-    if "sd" in args.parts:
-        b.run_sd()
-    if "ar" in args.parts:
-        b.run_ar()
-    b.save()
+    failed = []
+    for part, fn in (("sd", b.run_sd), ("ar", b.run_ar)):
+        if part not in args.parts:
+            continue
+        try:  # a failing part must not cost the other one: a device call is too scarce
+            fn()
+        except Exception as exc:  # noqa: BLE001 - recorded; the exit status says so
+            failed.append(part)
+            b.out["meta"][f"{part}_error"] = _one_line(exc)
+            print(f"{part.upper()} part failed: {_one_line(exc)}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+        b.save()
+    if failed:
+        sys.exit(f"bench_step run: part(s) {', '.join(failed)} failed (meta.*_error in {args.json})")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
 
 
 def _rows(path):

@@ -278,3 +278,42 @@ def test_bench_step_records_name_their_variant_and_table_gives_r_plain(tmp_path,
     # tinygemm gamma 3: draft step = 9 ms / 3 = 3.0; r vs AR 2.0 = 1.5; r_plain vs its gamma-0 decode 1.0 = 3.0
     assert "| 512 | 1 | tinygemm | 3 | 2.000 | 2.000 | 1.000 | 3.000 | 1.500 | 3.000 | 1.500 | 0.750 |" in rows
     assert any(row.startswith("| 512 | 1 | marlin | 3 |") for row in rows)  # variant-less records ran Marlin
+
+
+class _OomAboveBs16(_FakeEngine):
+    def __init__(self, model, spec, sglang_args):
+        if spec.get("bs_max", 0) > 16:
+            raise RuntimeError("CUDA out of memory capturing the verify graphs\nTried to allocate 2.00 GiB")
+        super().__init__(model, spec, sglang_args)
+
+
+def test_bench_step_sd_start_failure_retries_at_b16_and_a_failed_part_spares_the_other(tmp_path, monkeypatch):
+    """A device call is scarce: an SD engine that cannot capture graphs for every B retries with states up to
+    B = 16 (and pins gamma > 0 only there); a part that fails outright still leaves the other part's records."""
+    import torch
+
+    from er_sglang.sglang import engine as sgl_engine
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "fake")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench_step, "calibration_meta", lambda model, f_eff=True: {})
+    monkeypatch.setattr(sgl_engine, "SGLangEngine", _OomAboveBs16)
+    out = tmp_path / "b.json"
+    argv = ["run", "--json", str(out), "--seqs", "512", "--batches", "1,32", "--gammas", "0,3", "--limit-s", "600",
+            "--ar-reserve-s", "0"]
+    bench_step.main(argv)
+    doc = json.loads(out.read_text())
+    assert SPECS[-2]["bs_max"] == 16 and doc["meta"]["sd"]["bs_max"] == 16  # SPECS[-1]: the AR engine
+    assert doc["meta"]["sd_start_error"] == {"bs_max": 32, "error": "RuntimeError: Tried to allocate 2.00 GiB"}
+    assert sorted((r["mode"], r["batch"], r["gamma"]) for r in doc["records"]) == [
+        ("ar", 1, 0), ("ar", 32, 0), ("sd", 1, 0), ("sd", 1, 3), ("sd", 32, 0)]
+
+    def broken_sd(self):
+        raise RuntimeError("scheduler died")
+
+    monkeypatch.setattr(bench_step.Bench, "run_sd", broken_sd)
+    with pytest.raises(SystemExit, match="part\\(s\\) sd failed"):
+        bench_step.main(argv)
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["sd_error"] == "RuntimeError: scheduler died"
+    assert [r["mode"] for r in doc["records"]] == ["ar", "ar"]
