@@ -11,8 +11,9 @@
     python scripts/accept_real.py gpu --model /tmp/q05 --prompts tests/gpu/data/math_prompts_q05.json --json OUT
 
 The model travels as its GGUF (469 MiB for the 0.5B) in chunks, each a git-ignored folder small enough for
-one device call; `assemble` checks every chunk's sha256 and the whole file's, then converts it to a bf16
-safetensors checkpoint with models.convert_gguf (the path er_sglang.models takes for an alias).
+one device call, the last one also carrying the converted tokenizer files (gzipped); `assemble` checks every
+chunk's sha256 and the whole file's, converts the GGUF to a bf16 safetensors checkpoint with
+models.convert_gguf (the path er_sglang.models takes for an alias) and unpacks the tokenizer next to it.
 
 --draft-kernel picks the int4 grid (the GPU's Marlin: integer zero points; the CPU's default: float zero
 points); compare acceptance between runs on the same grid (`draft_grid` in the JSON).
@@ -23,6 +24,7 @@ emitted per sequence per verify step, bonus token included (= 1 + gamma * accept
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -236,6 +238,37 @@ def join_chunks(stage: Path, manifest: dict, dest: Path) -> Path:
     return dest
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def stage_tokenizer(src: Path, chunk_dir: Path) -> dict:
+    """Gzip the converted checkpoint's tokenizer files into chunk_dir/tokenizer/ (11 MiB of tokenizer.json
+    becomes ~3 MiB, room the last GGUF chunk has): the device then needs no tokenizer parse of the GGUF
+    (er-train and bench_rollout encode prompts with it). -> {"chunk", "files": {name: sha256 of the file}}."""
+    dest = chunk_dir / "tokenizer"
+    dest.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name in TOKENIZER_FILES:
+        data = (src / name).read_bytes()
+        files[name] = hashlib.sha256(data).hexdigest()
+        with gzip.open(dest / f"{name}.gz", "wb", compresslevel=9) as f:
+            f.write(data)
+    return {"chunk": chunk_dir.name, "files": files}
+
+
+def restore_tokenizer(stage: Path, info: dict, out: Path) -> None:
+    """Unzip stage_tokenizer's files into `out`; ValueError naming a file that is missing or differs."""
+    for name, sha in info["files"].items():
+        packed = stage / info["chunk"] / "tokenizer" / f"{name}.gz"
+        if not packed.is_file():
+            raise ValueError(f"tokenizer file {name} missing: {packed} (stage it with chunk {info['chunk']})")
+        with gzip.open(packed, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise ValueError(f"tokenizer file {name} ({packed}): sha256 differs from the manifest")
+        (out / name).write_bytes(data)
+
+
 def cmd_stage(args) -> None:
     from er_sglang.models import ALIASES, _locate_parts, resolve_model_path
 
@@ -251,7 +284,8 @@ def cmd_stage(args) -> None:
         raise ValueError(f"--model {args.model}: GGUF sha256 {split['sha256']} != expected {src.sha256}")
     # the config travels in the manifest: the device then parses the GGUF's metadata once, not three times
     config = json.loads((resolve_model_path(args.model) / "config.json").read_text())
-    manifest = {"alias": args.model, **split, "config": config}
+    manifest = {"alias": args.model, **split, "config": config,
+                "tokenizer": stage_tokenizer(resolve_model_path(args.model), stage / split["chunks"][-1]["name"])}
     for chunk in manifest["chunks"]:  # a copy in every chunk: whichever call comes last has it
         _write_json(stage / chunk["name"] / "manifest.json", manifest)
     _write_json(stage / "manifest.json", manifest)
@@ -278,6 +312,8 @@ def cmd_assemble(args) -> None:
         convert_gguf(gguf, tmp, args.dtype, {"alias": manifest["alias"], "gguf_sha256": manifest["sha256"],
                                              "staged_chunks": len(manifest["chunks"])},
                      config_json=manifest.get("config"), tokenizer=args.tokenizer)
+        if not args.tokenizer and manifest.get("tokenizer"):
+            restore_tokenizer(stage, manifest["tokenizer"], tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     finally:
@@ -326,8 +362,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--manifest", help="default: the copy in the first chunk folder")
     a.add_argument("--out", required=True)
     a.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    a.add_argument("--tokenizer", action="store_true", help="also save the tokenizer (~45 s more on 2 cores; "
-                   "SGLang runs with skip_tokenizer_init, the prompts are token ids)")
+    a.add_argument("--tokenizer", action="store_true", help="parse the tokenizer from the GGUF (~45 s more on 2 "
+                   "cores) instead of unpacking the staged tokenizer files (stage puts them in the last chunk)")
     return p
 
 

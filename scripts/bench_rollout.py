@@ -2,7 +2,8 @@
 
     python scripts/bench_rollout.py real CONFIG.yaml [key=value ...] --json OUT.json [--modes ...] [--rollouts 3]
     python scripts/bench_rollout.py replay CONFIG.yaml [key=value ...] --from REAL.json --json OUT.json
-    python scripts/bench_rollout.py plot --json OUT.json --png OUT.png
+    python scripts/bench_rollout.py merge --json ALL.json A.json B.json ...  # e.g. one device call per mode
+    python scripts/bench_rollout.py plot --json OUT.json --png OUT.png [--part replay_7b]
     python scripts/bench_rollout.py table --json OUT.json
 
 `real`: CONFIG is an er-rollout / er-train experiment file (model, data, template, G, sampling, engine); every
@@ -218,6 +219,36 @@ def cmd_replay(args) -> None:
     runner.save()
 
 
+def merge_docs(docs: list[tuple[str, dict]]) -> dict:
+    """One bench_rollout JSON from several (e.g. one device call per mode, then the replay part): runs in
+    order; ValueError if the devices differ or a (part, mode, rollout) run appears twice."""
+    devices = {d.get("device") for _, d in docs}
+    if len(devices) != 1:
+        raise ValueError(f"merge: runs from different devices {sorted(map(str, devices))}")
+    seen, runs = {}, []
+    for path, d in docs:
+        for r in d["runs"]:
+            key = (r["part"], r["mode"], r["rollout"])
+            if key in seen:
+                raise ValueError(f"merge: run {key} is in both {seen[key]} and {path}")
+            seen[key] = path
+            runs.append(r)
+    parts = list(dict.fromkeys(r["part"] for r in runs))
+    return {"part": "+".join(parts), "device": devices.pop(), "runs": runs,
+            "meta": {"merged_from": [path for path, _ in docs], "sources": [d["meta"] for _, d in docs]}}
+
+
+def cmd_merge(args) -> None:
+    docs = []
+    for path in args.inputs:
+        with open(path) as f:
+            docs.append((path, json.load(f)))
+    merged = merge_docs(docs)
+    with open(args.json, "w") as f:
+        json.dump(merged, f, indent=1)
+    print(f"merged {len(merged['runs'])} runs ({merged['part']}) from {len(docs)} files into {args.json}")
+
+
 def cmd_table(args) -> None:
     with open(args.json) as f:
         data = json.load(f)
@@ -241,7 +272,9 @@ def cmd_plot(args) -> None:
 
     with open(args.json) as f:
         data = json.load(f)
-    runs = [r for r in data["runs"] if r["rollout"] == max(x["rollout"] for x in data["runs"])]
+    part = args.part or data["runs"][0]["part"]
+    runs = [r for r in data["runs"] if r["part"] == part]
+    runs = [r for r in runs if r["rollout"] == max(x["rollout"] for x in runs)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in runs:
         tr = r.get("trace") or []
@@ -253,7 +286,7 @@ def cmd_plot(args) -> None:
     ax1.set(xlabel="s", ylabel="active sequences", title="active batch")
     ax2.set(xlabel="s", ylabel="tokens/s (between trace points)", title="throughput", yscale="log")
     ax1.legend(fontsize=7)
-    fig.suptitle(f"{data['part']} on {data['device']}")
+    fig.suptitle(f"{part} on {data['device']}, rollout {runs[0]['rollout'] if runs else '-'}")
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
 
@@ -279,9 +312,14 @@ def main(argv=None) -> int:
         q.add_argument("--json", required=True)
         if name == "plot":
             q.add_argument("--png", required=True)
+            q.add_argument("--part", help="which part's runs (default: the first run's)")
+    q = sub.add_parser("merge", help="several runs' JSON (e.g. one device call per mode) into one")
+    q.add_argument("--json", required=True, help="the merged output")
+    q.add_argument("inputs", nargs="+")
     args = p.parse_args(argv)
     try:
-        {"real": cmd_real, "replay": cmd_replay, "plot": cmd_plot, "table": cmd_table}[args.cmd](args)
+        {"real": cmd_real, "replay": cmd_replay, "plot": cmd_plot, "table": cmd_table,
+         "merge": cmd_merge}[args.cmd](args)
     except BAD_INPUT as exc:
         return report_bad_input(exc)
     return 0

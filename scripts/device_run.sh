@@ -5,6 +5,8 @@
 #     run(command="STEPS='marlin engine modes bench' bash scripts/device_run.sh", carry=[".kitcache"])
 # Real model (Qwen2.5-Coder-0.5B, scripts/accept_real.py stage): eight calls, one chunk each, within the warm
 # window: run(command="STEPS=stage bash scripts/device_run.sh", carry=[".stage/cNN"]); then STEPS='assemble real'.
+# Rollout benchmark (issue 10): after stage/assemble and pydeps, STEPS=rollout ROLLOUT_MODES=no-sd,rtn (a call
+# is <= 10 min; one JSON per call), then STEPS=replay (merges the real JSONs; Qwen2.5-7B shapes).
 # er-train (issue 11): bash scripts/stage_pydeps.sh here; there STEPS=pydeps twice (carry .pydeps/c0, then
 # .pydeps/c1: Ray in two halves, omegaconf, prompt files), then STEPS=train TRAIN_MODES=no-sd (one mode per
 # call: a call is <= 10 min) and STEPS=train_resume (SIGKILL after a checkpoint, resume=auto).
@@ -125,6 +127,29 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                     > "$OUT/resume_second.log" 2>&1
                 el "resume rc=$?"; tail -n 12 "$OUT/resume_second.log" | cut -c1-250
                 cp "$d/metrics.jsonl" /tmp/res/train/resume_${m}.jsonl 2>/dev/null; raystop ;;
+        rollout) # issue 10 part real: the staged 0.5B (/tmp/q05 + its staged tokenizer), MATH levels 3-5 from
+                # pydeps, 64 prompts x G 8, 4096 new tokens; ROLLOUT_MODES (comma-separated) per call, one JSON each
+                tag=$(echo "${ROLLOUT_MODES:-no-sd}" | tr ',' '_')
+                timeout "$(( $(left) - 15 ))" python3 scripts/bench_rollout.py real "$TRAIN_CFG/base.yaml" \
+                    data.train=/tmp/pydeps/math_hard_train.jsonl data.prompts_per_step=64 sampling.max_new_tokens=4096 \
+                    ${ROLLOUT_OVERRIDES:-} --modes "${ROLLOUT_MODES:-no-sd}" --rollouts "${ROLLOUT_N:-3}" \
+                    --json "/tmp/res/bench_rollout_real_$tag.json" > "$OUT/rollout_$tag.log" 2>&1
+                el "rollout $tag rc=$?"; grep -E '^\{' "$OUT/rollout_$tag.log" | cut -c1-300
+                grep -m8 -E "Error|error:|Traceback" "$OUT/rollout_$tag.log" | cut -c1-300 ;;
+        replay) # issue 10 part replay_7b: Qwen2.5-7B shapes (random weights), part real's lengths and acceptance
+                # (the real JSONs of earlier calls, merged; or REPLAY_FROM), ROLLOUT_MODES per call
+                python3 scripts/bench_step.py make --model /tmp/q7 > /dev/null 2>&1
+                src=${REPLAY_FROM:-/tmp/res/bench_rollout_real.json}
+                [ -z "${REPLAY_FROM:-}" ] && python3 scripts/bench_rollout.py merge --json "$src" \
+                    $(ls /tmp/res/bench_rollout_real_*.json) | tail -n 1
+                tag=$(echo "${ROLLOUT_MODES:-no-sd}" | tr ',' '_')
+                timeout "$(( $(left) - 15 ))" python3 scripts/bench_rollout.py replay "$TRAIN_CFG/base.yaml" \
+                    model.path=/tmp/q7 sglang.load_format=dummy sglang.mem_fraction_static=0.85 \
+                    sglang.attention_backend="${BACKEND:-flashinfer}" ${ROLLOUT_OVERRIDES:-} --from "$src" \
+                    --modes "${ROLLOUT_MODES:-no-sd}" --rollouts "${ROLLOUT_N:-3}" \
+                    --json "/tmp/res/bench_rollout_replay_$tag.json" > "$OUT/replay_$tag.log" 2>&1
+                el "replay $tag rc=$?"; grep -E '^\{' "$OUT/replay_$tag.log" | cut -c1-300
+                grep -m8 -E "Error|error:|Traceback" "$OUT/replay_$tag.log" | cut -c1-300 ;;
         calibrate) # issue 12: er-calibrate per shape in CAL_SHAPES (configs/shapes/NAME, random weights), each
                 # within CAL_BUDGET s of measuring -> /tmp/res/h200_tp1_NAME.json (+ .png, .records.json)
                 for n in ${CAL_SHAPES:-qwen2.5-7b}; do  # a shape name, or a model dir (e.g. /tmp/q05)

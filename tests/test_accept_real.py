@@ -1,6 +1,7 @@
 """scripts/accept_real.py's pure helpers: prompt selection, GGUF chunk staging and reassembly."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
@@ -115,3 +116,24 @@ def test_cpu_and_gpu_take_a_draft_kernel():
     assert p.parse_args(["gpu", "--model", "m", "--prompts", "p", "--json", "j"]).draft_kernel == "marlin"
     with pytest.raises(SystemExit):
         p.parse_args(["gpu", "--model", "m", "--prompts", "p", "--json", "j", "--draft-kernel", "auto4"])
+
+
+def test_staged_tokenizer_round_trips_and_names_a_corrupt_file(tmp_path):
+    src, stage, out = tmp_path / "ckpt", tmp_path / "stage", tmp_path / "out"
+    src.mkdir(), out.mkdir()
+    payload = {name: (name * 4000).encode() for name in accept_real.TOKENIZER_FILES}
+    for name, data in payload.items():
+        (src / name).write_bytes(data)
+    info = accept_real.stage_tokenizer(src, stage / "c07")
+    assert info["chunk"] == "c07" and set(info["files"]) == set(payload)
+    assert sum(f.stat().st_size for f in (stage / "c07" / "tokenizer").iterdir()) < sum(map(len, payload.values())) / 10
+    accept_real.restore_tokenizer(stage, info, out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == payload
+    with gzip.open(stage / "c07" / "tokenizer" / "tokenizer.json.gz", "wb") as f:
+        f.write(b"not the tokenizer")
+    with pytest.raises(ValueError, match="tokenizer file tokenizer.json .*sha256 differs"):
+        accept_real.restore_tokenizer(stage, info, out)
+    (stage / "c07" / "tokenizer" / "chat_template.jinja.gz").unlink()
+    info["files"].pop("tokenizer.json")
+    with pytest.raises(ValueError, match="tokenizer file chat_template.jinja missing"):
+        accept_real.restore_tokenizer(stage, info, out)

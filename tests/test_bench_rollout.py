@@ -11,6 +11,7 @@ import pytest
 
 from er_sglang.policy import SpecPolicy
 from er_sglang.replay import ENV, ReplayAccept, ReplayRefused, build_replay, fit_alpha, refuse_in_training
+from scripts import bench_rollout
 from scripts.bench_rollout import predict_wall, thin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,3 +107,28 @@ def test_real_part_on_the_reference_engine(tmp_path):
                           "--json", str(tmp_path / "x.json")], capture_output=True, text=True, cwd=ROOT,
                          check=False)
     assert bad.returncode == 2 and "spec.gamma" in bad.stderr and not (tmp_path / "x.json").exists()
+
+
+def _run(part, mode, rollout, wall):
+    return {"part": part, "mode": mode, "rollout": rollout, "wall_s": wall, "num_tokens": 10, "tokens_per_s": 1.0,
+            "accept_rate": 0.0, "mean_accept_len": 1.0, "spec_on_frac": 0.0, "gamma_hist": {}}
+
+
+def test_merge_joins_per_call_files_and_refuses_duplicates_or_mixed_devices(tmp_path, capsys):
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "all.json"
+    a.write_text(json.dumps({"part": "real", "device": "H200", "meta": {"cmd": "a"},
+                             "runs": [_run("real", "no-sd", 0, 10.0), _run("real", "no-sd", 1, 12.0)]}))
+    b.write_text(json.dumps({"part": "real", "device": "H200", "meta": {"cmd": "b"},
+                             "runs": [_run("real", "argmax", 0, 8.0)]}))
+    assert bench_rollout.main(["merge", "--json", str(out), str(a), str(b)]) == 0
+    doc = json.loads(out.read_text())
+    assert [(r["mode"], r["rollout"]) for r in doc["runs"]] == [("no-sd", 0), ("no-sd", 1), ("argmax", 0)]
+    assert doc["part"] == "real" and doc["meta"]["merged_from"] == [str(a), str(b)]
+    capsys.readouterr()
+    bench_rollout.main(["table", "--json", str(out)])
+    assert "| real | argmax | 0 | 8.00 | 1.250x |" in capsys.readouterr().out  # vs no-sd rollout 0 of file a
+    assert bench_rollout.main(["merge", "--json", str(out), str(a), str(a)]) == 2
+    assert "run ('real', 'no-sd', 0) is in both" in capsys.readouterr().err
+    b.write_text(json.dumps({"part": "real", "device": "H100", "meta": {}, "runs": [_run("real", "rtn", 0, 9.0)]}))
+    assert bench_rollout.main(["merge", "--json", str(out), str(a), str(b)]) == 2
+    assert "different devices" in capsys.readouterr().err
