@@ -39,6 +39,10 @@ if [ -d .kitcache ] && [ ! -f /tmp/.caches_restored ]; then
         && touch /tmp/.caches_restored && el "JIT caches restored: $(ls /tmp/jitcache | wc -l) tvm-ffi modules"
 fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+# result files are named for the GPU that produced them (a call may get an H100 or an H200)
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 \
+    | python3 -c "import sys; from er_sglang.calibrate import gpu_slug; print(gpu_slug(sys.stdin.read()))" 2>/dev/null)
+GPU=${GPU:-gpu}
 
 pt() {  # pt NAME FILE [CAP_S]: one pytest process per file (an engine failure kills its process)
     local lim; lim=$(left); [ -n "${3:-}" ] && [ "$3" -lt "$lim" ] && lim=$3
@@ -50,7 +54,7 @@ bench() {  # bench BACKEND [KERNEL [SHARES]]: spec.draft_kernel=KERNEL (marlin),
     python3 scripts/bench_step.py make --model /tmp/q7 > "$OUT/bench_$tag.log" 2>&1
     local blim=$(( ($(left) - 15 - ${BENCH_LEAVE:-0}) / ${3:-1} ))
     timeout "$(( blim + 10 ))" python3 scripts/bench_step.py run --model /tmp/q7 --limit-s "$blim" --backend "$1" \
-        --draft-kernel "${2:-marlin}" --json "/tmp/res/bench_step_h200_$tag.json" ${BENCH_ARGS:-} \
+        --draft-kernel "${2:-marlin}" --json "/tmp/res/bench_step_${GPU}_$tag.json" ${BENCH_ARGS:-} \
         >> "$OUT/bench_$tag.log" 2>&1
     el "bench $tag rc=$?"; grep -E "^(SD|AR) " "$OUT/bench_$tag.log" | cut -c1-260 | tail -n 70
     grep -m8 -E "Error|error|Traceback" "$OUT/bench_$tag.log" | cut -c1-300
@@ -58,7 +62,7 @@ bench() {  # bench BACKEND [KERNEL [SHARES]]: spec.draft_kernel=KERNEL (marlin),
 profile() {  # profile BACKEND: torch-profiler traces of SD (B x gamma) and plain SGLang, summarized
     python3 scripts/bench_step.py make --model /tmp/q7 > "$OUT/profile_$1.log" 2>&1
     timeout "$(left)" python3 scripts/bench_step.py profile --model /tmp/q7 --backend "$1" --trace-dir /tmp/traces \
-        --json "/tmp/res/profile_h200_$1.json" ${PROFILE_ARGS:-} >> "$OUT/profile_$1.log" 2>&1
+        --json "/tmp/res/profile_${GPU}_$1.json" ${PROFILE_ARGS:-} >> "$OUT/profile_$1.log" 2>&1
     el "profile $1 rc=$?"; grep -E "^PROFILE" "$OUT/profile_$1.log" | cut -c1-400
     grep -m8 -E "Error|error|Traceback" "$OUT/profile_$1.log" | cut -c1-300
     (cd /tmp/traces && find . -name "*_b1[-_]*trace.json.gz" -size -7M | head -4 | tar czf "$OUT/traces_$1.tgz" -T -)
@@ -86,7 +90,7 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
         gemv)   # int4/int8 weight-only GEMV kernels vs bf16 (scripts/bench_int4_gemv.py), budget <= GEMV_BUDGET s
                 gb=$(( $(left) - 45 )); [ "$gb" -gt "${GEMV_BUDGET:-300}" ] && gb=${GEMV_BUDGET:-300}
                 timeout "$(left)" python3 scripts/bench_int4_gemv.py --budget-s "$gb" ${GEMV_ARGS:-} \
-                    --json /tmp/res/bench_int4_gemv_h200.json --png "$OUT/bench_int4_gemv_h200.png" > "$OUT/gemv.log" 2>&1
+                    --json "/tmp/res/bench_int4_gemv_$GPU.json" --png "$OUT/bench_int4_gemv_$GPU.png" > "$OUT/gemv.log" 2>&1
                 el "gemv rc=$?"; grep -E "^device|^STEP M=.*(drafter_now|best_int4)|^GEMV .* skipped" "$OUT/gemv.log" | cut -c1-240
                 grep -m12 -E "^GEMV .* error |Traceback" "$OUT/gemv.log" | cut -c1-240 ;;
         stage)  mkdir -p /tmp/stage && cp -r .stage/c* /tmp/stage/ && el "staged: $(ls /tmp/stage | tr '\n' ' ')" ;;
@@ -151,13 +155,13 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                 el "replay $tag rc=$?"; grep -E '^\{' "$OUT/replay_$tag.log" | cut -c1-300
                 grep -m8 -E "Error|error:|Traceback" "$OUT/replay_$tag.log" | cut -c1-300 ;;
         calibrate) # issue 12: er-calibrate per shape in CAL_SHAPES (configs/shapes/NAME, random weights), each
-                # within CAL_BUDGET s of measuring -> /tmp/res/h200_tp1_NAME.json (+ .png, .records.json)
+                # within CAL_BUDGET s of measuring -> /tmp/res/<gpu>_tp1_NAME.json (+ .png, .records.json)
                 for n in ${CAL_SHAPES:-qwen2.5-7b}; do  # a shape name, or a model dir (e.g. /tmp/q05)
                     m="configs/shapes/$n"; [ -d "$n" ] && m=$n && n=$(basename "$n")
                     cb=$(( $(left) - 90 )); [ "$cb" -gt "${CAL_BUDGET:-480}" ] && cb=${CAL_BUDGET:-480}
                     timeout "$(( $(left) - 10 ))" python3 -m er_sglang.calibrate --model "$m" \
                         --random-weights --name "$n" --budget-s "$cb" --backend "${BACKEND:-flashinfer}" --force \
-                        --out "/tmp/res/h200_tp1_$n.json" ${CAL_ARGS:-} > "$OUT/calibrate_$n.log" 2>&1
+                        --out "/tmp/res/${GPU}_tp1_$n.json" ${CAL_ARGS:-} > "$OUT/calibrate_$n.log" 2>&1
                     el "calibrate $n rc=$?"; tail -n 20 "$OUT/calibrate_$n.log" | cut -c1-250
                 done ;;
     esac

@@ -28,9 +28,10 @@ ROOFLINE = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "roofl
 
 
 def record(name: str, payload: dict) -> None:
+    """RESULTS/name.json, with the GPU that produced it (a device call may get an H100 or an H200)."""
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
-        json.dump(payload, f, indent=1, default=str)
+        json.dump({"device": torch.cuda.get_device_name(0), **payload}, f, indent=1, default=str)
 
 
 @pytest.fixture(scope="module")
