@@ -175,7 +175,7 @@ def measure(args, hf_config: dict, records_out: Path, name: str) -> None:
             progress.set(len(done), f"{time.time() - t0:.0f}/{args.budget_s:.0f} s")
 
     ns = argparse.Namespace(model=args.model, json=str(records_out), seqs=list(args.seqs), batches=list(args.batches),
-                            gammas=list(args.gammas), backend=args.backend, ar_reserve_s=0.0, limit_s=0.0,
+                            gammas=list(args.gammas), backend=args.backend, limit_s=0.0,
                             load_format="dummy" if args.random_weights else "auto")
     bench = CalibrationBench(ns)
     bench.out["device"] = torch.cuda.get_device_name(0)

@@ -108,9 +108,13 @@ class SpecStats:
         return cls(trace=[] if tracing_steps() else None)
 
     def observe(self, gamma: int, accepted, t: float | None = None) -> None:
-        """One decode step: `accepted[i]` drafts of sequence i were accepted (clamped to gamma)."""
+        """One decode step: `accepted[i]` drafts of sequence i were accepted (clamped to gamma). A step that served
+        no sequence is not counted: SGLang's overlap scheduler launches one step past the last token, for
+        requests already finished, whose results it drops (counted, it would shorten every ms-per-step)."""
         acc = [min(int(a), gamma) for a in accepted]
         rows, total = len(acc), sum(acc)
+        if not rows:
+            return
         self.num_steps += 1
         self.num_seq_steps += rows
         self.num_emitted += total + rows

@@ -1,7 +1,7 @@
 """ms per decode step, AR vs self-speculative at each gamma, Qwen2.5-7B shapes with random weights (GPU).
 
     python scripts/bench_step.py make --model /tmp/q7                 # config.json only (weights: dummy)
-    python scripts/bench_step.py run --model /tmp/q7 --json OUT.json  # SD (all gammas) then AR engine
+    python scripts/bench_step.py run --model /tmp/q7 --json OUT.json  # AR engine, then SD (all gammas)
     python scripts/bench_step.py plot --json OUT.json --png OUT.png   # anywhere with matplotlib
     python scripts/bench_step.py table --json OUT.json                # markdown for docs/benchmarks.md
     python scripts/bench_step.py profile --model /tmp/q7 --json P.json --trace-dir DIR  # torch-profiler traces
@@ -11,8 +11,10 @@ B), gamma pinned per point through the plugin RPC; the worker's CUDA events time
 the gamma draft forwards ("draft"; t_draft_step_ms = ONE forward incl. its sampling = draft / gamma), the
 target verify ("verify") and, at gamma = 0, the plain decode step ("decode"). Only steps that ran the full
 batch B count. AR: plain SGLang (no speculation) in a second engine of the same run.
-If the SD engine cannot start with graph states for every B, it retries once with states up to B = 16
-(meta.sd_start_error); a part (sd, ar) that fails leaves the other's records, and the run exits non-zero.
+Each part runs in its own process, AR first (within --ar-budget-s), then SD with the time left: SGLang kills
+the process owning an engine whose scheduler fails, and the other part's records must survive that. An SD part
+that dies before its first record is retried once with graph states up to B = 16 (meta.sd_start_error); a failed
+part is recorded in meta.<part>_error and the run exits non-zero.
 meta also records the model's shapes and F_eff (GEMM benchmark), so `er-calibrate --from-json OUT.json` fits
 this GPU's roofline from a run with no further measuring.
 ms_per_step_wall = (T(N+1 tokens) - T(1 token)) / steps, wall clock with the prompt cached, for both; the
@@ -29,7 +31,6 @@ import os
 import random
 import sys
 import time
-import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -106,27 +107,25 @@ class Bench:
     def run_sd(self) -> None:
         from er_sglang.sglang.engine import SGLangEngine
 
-        # graphs for every gamma at every B (bs_max): the benchmark maps the whole B x gamma plane
+        # graphs for every gamma at every B up to sd_bs_max (default: all B): the whole B x gamma plane
+        self.sd_bs_max = getattr(self.args, "sd_bs_max", None) or max(self.args.batches)
         spec = {"mode": "argmax", "gamma": 3, "gamma_ladder": [g for g in self.args.gammas if g > 0],
                 "policy": {"argmax_gammas": [g for g in self.args.gammas if g > 0]},
-                "roofline": ROOFLINE, "timing": True, "bs_max": max(self.args.batches),
-                "draft_kernel": self.variant}
+                "roofline": ROOFLINE, "timing": True, "bs_max": self.sd_bs_max, "draft_kernel": self.variant}
         t = time.time()
-        eng = self.start_sd(SGLangEngine, spec)
+        eng = SGLangEngine(self.args.model, spec, self.sglang_args())
         info = eng.engine.get_server_info()
         st = eng.rpc("stats")
         self.out["meta"]["max_total_num_tokens"]["argmax"] = info.get("max_total_num_tokens")
         self.out["meta"]["sd"] = {"startup_s": round(time.time() - t, 1), "draft_kernel": self.variant,
-                                  "bs_max": self.sd_bs_max,
-                                  "int4_bytes": st["int4_bytes"],
+                                  "bs_max": self.sd_bs_max, "int4_bytes": st["int4_bytes"],
                                   "num_int4_linears": st["num_int4_linears"], "graphs": st["graphs"],
                                   "graph_init_s": st["graph_init_s"],
                                   "requant_s": [eng.rpc("requantize")["requant_s"] for _ in range(3)]}
         self.save()
         try:
-            reserve = self.args.ar_reserve_s if "ar" in getattr(self.args, "parts", ["ar"]) else 0.0
             for s, b in self.points():
-                if self.left() < 20 + reserve:
+                if self.left() < 20:
                     break
                 if not self.fits(eng, s, b, 8 * 12 + 8):
                     continue
@@ -139,25 +138,6 @@ class Bench:
                 self.save()
         finally:
             eng.shutdown()
-
-    def start_sd(self, engine_cls, spec: dict):
-        """The SD engine with graph states for every gamma at every B; if it cannot start (e.g. out of memory
-        capturing them), once more with states only up to B = SD_FALLBACK_BS, where speculation can pay: the
-        run still yields the B <= 16 plane and the AR baseline. The failure is recorded in meta.sd_start_error."""
-        try:
-            eng = engine_cls(self.args.model, spec, self.sglang_args())
-            self.sd_bs_max = spec["bs_max"]
-            return eng
-        except Exception as exc:  # any start failure: one retry, then it propagates
-            if spec["bs_max"] <= SD_FALLBACK_BS:
-                raise
-            self.out["meta"]["sd_start_error"] = {"bs_max": spec["bs_max"], "error": _one_line(exc)}
-            print(f"SD engine failed to start with bs_max={spec['bs_max']} ({_one_line(exc)}); "
-                  f"retrying with bs_max={SD_FALLBACK_BS}", flush=True)
-            self.save()
-            eng = engine_cls(self.args.model, dict(spec, bs_max=SD_FALLBACK_BS), self.sglang_args())
-            self.sd_bs_max = SD_FALLBACK_BS
-            return eng
 
     def point_sd(self, eng, prompts, s, b, g) -> None:
         n = max(32, 8 * (g + 1))
@@ -206,79 +186,6 @@ class Bench:
             eng.shutdown()
 
 
-class Profiler(Bench):
-    """SGLang's torch profiler (CPU + GPU, Python stacks) over `--steps` decode steps per point, for SD at each
-    (B, gamma) and plain SGLang at each B; each trace summarized by scripts/trace_summary.py."""
-
-    def profile(self, eng, name: str, prompts, new_tokens: int) -> None:
-        import glob
-        import shutil
-
-        from er_sglang.engine import SamplingParams
-        from scripts.trace_summary import load, summarize
-
-        d = os.path.join(self.args.trace_dir, name)
-        shutil.rmtree(d, ignore_errors=True)
-        eng.engine.start_profile(output_dir=d, num_steps=self.args.steps, activities=["CPU", "GPU"],
-                                 profile_id=name)
-        eng.generate(prompts, SamplingParams(max_new_tokens=new_tokens), ignore_eos=True)
-        path, size, t = None, -1, time.time()
-        while time.time() - t < 180:  # the trace is exported after the last profiled step
-            found = glob.glob(os.path.join(d, "*.trace.json.gz"))
-            if found and os.path.getsize(found[0]) == size:
-                path = found[0]
-                break
-            size = os.path.getsize(found[0]) if found else -1
-            time.sleep(2)
-        rec = {"name": name, "variant": "ar" if name.startswith("ar_") else self.variant, "trace": path,
-               "summary": summarize(load(path), self.args.steps) if path else None}
-        self.out["records"].append(rec)
-        self.save()
-        print("PROFILE", name, json.dumps({k: v for k, v in (rec["summary"] or {}).items()
-                                            if not isinstance(v, list)}), flush=True)
-
-    def run_sd(self) -> None:
-        from er_sglang.sglang.engine import SGLangEngine
-
-        spec = {"mode": "argmax", "gamma": 3, "gamma_ladder": [g for g in self.args.gammas if g > 0],
-                "policy": {"argmax_gammas": [g for g in self.args.gammas if g > 0]},
-                "roofline": ROOFLINE, "bs_max": max(self.args.batches), "draft_kernel": self.variant}
-        eng = SGLangEngine(self.args.model, spec, self.sglang_args())
-        try:
-            for b in self.args.batches:
-                prompts = self.prompts(self.args.seqs[0], b)
-                for g in self.args.gammas:
-                    eng.rpc("set_gamma", gamma=g)
-                    self.timed(eng, prompts, 8)
-                    self.profile(eng, f"sd_b{b}_g{g}", prompts, (self.args.steps + 8) * (g + 1))
-        finally:
-            eng.shutdown()
-
-    def run_ar(self) -> None:
-        from er_sglang.sglang.engine import SGLangEngine
-
-        eng = SGLangEngine(self.args.model, {"mode": "no-sd", "gamma": 0, "gamma_ladder": [1]}, self.sglang_args())
-        try:
-            for b in self.args.batches:
-                prompts = self.prompts(self.args.seqs[0], b)
-                self.timed(eng, prompts, 8)
-                self.profile(eng, f"ar_b{b}", prompts, self.args.steps + 8)
-        finally:
-            eng.shutdown()
-
-
-def cmd_profile(args) -> None:
-    import torch
-
-    b = Profiler(args)
-    b.out["device"] = torch.cuda.get_device_name(0)
-    if "ar" in args.parts:
-        b.run_ar()
-    if "sd" in args.parts:
-        b.run_sd()
-    b.save()
-
-
 def calibration_meta(model_dir: str, f_eff: bool = True, device: str = "cuda") -> dict:
     """What er-calibrate --from-json needs besides the records: the model's shapes, the GEMM throughput F_eff
     of this GPU (er_sglang.calibrate.measure_f_eff, a few seconds; before any engine holds the memory) and the
@@ -293,32 +200,105 @@ def calibration_meta(model_dir: str, f_eff: bool = True, device: str = "cuda") -
     return meta
 
 
-def cmd_run(args) -> None:
+def run_part(args) -> None:
+    """`run --child`: one part (sd or ar) in this process; the AR part also measures calibration_meta first."""
     import torch
 
     b = Bench(args)
     b.out["device"] = torch.cuda.get_device_name(0)
-    b.out["meta"].update(calibration_meta(args.model, f_eff=not args.no_f_eff))
+    b.out["meta"].update(calibration_meta(args.model, f_eff="ar" in args.parts and not args.no_f_eff))
     torch.cuda.empty_cache()
+    b.save()
+    if "ar" in args.parts:
+        b.run_ar()
+    else:
+        b.run_sd()
+    b.save()
+
+
+def cmd_run(args) -> None:
+    """The parts in child processes, AR first. SGLang answers a scheduler failure by SIGKILLing the process that
+    owns the engine (kill_process_tree), so only a separate process keeps the other part's records, and lets an
+    SD engine that could not start (e.g. out of memory capturing graphs at every B) retry with graph states up to
+    B = SD_FALLBACK_BS. The children's records and meta are merged into --json."""
+    if args.child:
+        return run_part(args)
+    t0 = time.time()
+    out = {"device": None, "backend": args.backend, "variant": args.draft_kernel, "records": [],
+           "meta": {"cmd": " ".join(sys.argv), "max_total_num_tokens": {}}}
     failed = []
-    for part, fn in (("sd", b.run_sd), ("ar", b.run_ar)):
-        if part not in args.parts:
-            continue
-        try:  # a failing part must not cost the other one: a device call is too scarce
-            fn()
-        except Exception as exc:  # noqa: BLE001 - recorded; the exit status says so
+    for part in [p for p in ("ar", "sd") if p in args.parts]:
+        left = args.limit_s - (time.time() - t0)
+        budget = min(args.ar_budget_s, left - 120) if part == "ar" and "sd" in args.parts else left
+        bs_max = max(args.batches)
+        rc, doc = _child(args, part, budget, bs_max)
+        if rc and part == "sd" and not doc.get("records") and bs_max > SD_FALLBACK_BS \
+                and args.limit_s - (time.time() - t0) > 150:
+            out["meta"]["sd_start_error"] = {"bs_max": bs_max, "exit": rc}
+            print(f"SD part exited {rc} before any record (bs_max={bs_max}); retrying with "
+                  f"bs_max={SD_FALLBACK_BS}", flush=True)
+            rc, doc = _child(args, part, args.limit_s - (time.time() - t0), SD_FALLBACK_BS)
+        _merge(out, doc)
+        if rc:
             failed.append(part)
-            b.out["meta"][f"{part}_error"] = _one_line(exc)
-            print(f"{part.upper()} part failed: {_one_line(exc)}", file=sys.stderr, flush=True)
-            traceback.print_exc()
-        b.save()
+            out["meta"][f"{part}_error"] = f"child exited {rc} (its output is above in the log)"
+        _save(out, args.json)
     if failed:
         sys.exit(f"bench_step run: part(s) {', '.join(failed)} failed (meta.*_error in {args.json})")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
+def _child(args, part: str, budget_s: float, bs_max: int) -> tuple[int, dict]:
+    """(exit status, its JSON or {}): `run --child` for one part in its own process group, killed whole
+    (SGLang's scheduler processes included) if it overruns its budget."""
+    import signal
+    import subprocess
+
+    path = child_json(args, part)
+    if os.path.exists(path):
+        os.remove(path)
+    cmd = [sys.executable, os.path.abspath(__file__), *child_argv(args, part, budget_s, bs_max)]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=budget_s + 60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+    try:  # the part's scheduler processes may outlive a killed child: they hold the GPU
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if not os.path.exists(path):
+        return rc, {}
+    with open(path) as f:
+        return rc, json.load(f)
+
+
+def child_json(args, part: str) -> str:
+    return f"{args.json}.{part}.json"
+
+
+def child_argv(args, part: str, budget_s: float, bs_max: int) -> list[str]:
+    """main()'s argv for one part run by a child (`run --child`)."""
+    return ["run", "--child", "--parts", part, "--model", args.model, "--json", child_json(args, part),
+            "--limit-s", f"{budget_s:.0f}", "--seqs", ",".join(map(str, args.seqs)),
+            "--batches", ",".join(map(str, args.batches)), "--gammas", ",".join(map(str, args.gammas)),
+            "--backend", args.backend, "--draft-kernel", args.draft_kernel, "--sd-bs-max", str(bs_max),
+            *(["--no-f-eff"] if args.no_f_eff else [])]
+
+
+def _merge(out: dict, doc: dict) -> None:
+    out["device"] = out["device"] or doc.get("device")
+    out["records"] += doc.get("records", [])
+    meta = dict(doc.get("meta", {}))
+    meta.pop("cmd", None)
+    out["meta"]["max_total_num_tokens"].update(meta.pop("max_total_num_tokens", {}))
+    out["meta"].update(meta)
+
+
+def _save(out: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
 
 
 def main(argv=None) -> None:
@@ -335,7 +315,9 @@ def main(argv=None) -> None:
     r.add_argument("--parts", type=lambda x: x.split(","), default=["sd", "ar"])
     r.add_argument("--backend", default="flashinfer", choices=["flashinfer", "triton", "fa3"])
     r.add_argument("--limit-s", type=float, default=540.0)
-    r.add_argument("--ar-reserve-s", type=float, default=100.0)
+    r.add_argument("--ar-budget-s", type=float, default=150.0, help="AR runs first, within this; SD gets the rest")
+    r.add_argument("--child", action="store_true", help="internal: run one part in this process")
+    r.add_argument("--sd-bs-max", type=int, help="internal: graph states up to this B (default: max --batches)")
     r.add_argument("--draft-kernel", default="marlin", choices=KERNELS, help="spec.draft_kernel of the SD engine")
     r.add_argument("--no-f-eff", action="store_true", help="skip the GEMM benchmark (meta.f_eff) that makes the "
                    "run's JSON an er-calibrate --from-json input")
@@ -356,11 +338,15 @@ def main(argv=None) -> None:
     q.add_argument("--png", required=True)
     sub.add_parser("table").add_argument("--json", required=True, nargs="+", help="one or more runs' JSON")
     args = p.parse_args(argv)
+    if args.cmd == "profile":
+        from scripts.bench_step_profile import cmd_profile
+
+        return cmd_profile(args)
     if args.cmd in ("plot", "table"):  # reading records only: scripts/bench_step_report.py
         from scripts.bench_step_report import cmd_plot, cmd_table
 
         return {"plot": cmd_plot, "table": cmd_table}[args.cmd](args)
-    {"make": cmd_make, "run": cmd_run, "profile": cmd_profile}[args.cmd](args)
+    {"make": cmd_make, "run": cmd_run}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def cmd_plot(args) -> None:
 
 
 def cmd_table(args) -> None:
-    """Markdown: per (S, B, variant, gamma) the SD step (CUDA events), the AR step (wall), r = draft step / AR,
+    """Markdown: per (S, B, variant, gamma) the SD step, wall clock (ms_per_step_wall: what step/AR compares, as
+    the AR step is wall clock too) and CUDA events (the worker's forward only), the AR step, r = draft step / AR,
     r_plain = draft step / the SD engine's own gamma = 0 decode step (no AR run needed) and verify / AR, over one
     or more runs' JSON files (records written before `variant` existed ran Marlin)."""
     recs = [r for path in args.json for r in _rows(path)[1]]
@@ -48,12 +49,12 @@ def cmd_table(args) -> None:
     def ratio(x, t):
         return x / t if t and x else None
 
-    print("| S | B | variant | gamma | ms/step | AR ms | step/AR | t_draft_step ms | r = draft step/AR "
-          "| r_plain | t_verify ms | verify/AR |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| S | B | variant | gamma | wall ms/step | events ms/step | AR ms | step/AR (wall) | t_draft_step ms "
+          "| r = draft step/AR | r_plain | t_verify ms | verify/AR |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(sd, key=lambda r: (r["seq"], r["batch"], r["variant"], r["gamma"])):
         t_ar, t_plain = ar.get((r["seq"], r["batch"])), plain.get((r["seq"], r["batch"], r["variant"]))
-        draft = r.get("t_draft_step_ms")
-        print(f"| {r['seq']} | {r['batch']} | {r['variant']} | {r['gamma']} | {f(r['ms_per_step'])} | "
-              f"{f(t_ar)} | {f(ratio(r['ms_per_step'], t_ar))} | {f(draft)} | {f(ratio(draft, t_ar))} | "
+        draft, wall = r.get("t_draft_step_ms"), r.get("ms_per_step_wall")
+        print(f"| {r['seq']} | {r['batch']} | {r['variant']} | {r['gamma']} | {f(wall)} | {f(r['ms_per_step'])} | "
+              f"{f(t_ar)} | {f(ratio(wall, t_ar))} | {f(draft)} | {f(ratio(draft, t_ar))} | "
               f"{f(ratio(draft, t_plain))} | {f(r['t_verify_ms'])} | {f(ratio(r['t_verify_ms'], t_ar))} |")

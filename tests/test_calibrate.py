@@ -250,6 +250,9 @@ def test_bench_step_run_is_a_complete_calibration_record_set(tmp_path, monkeypat
     (model / "config.json").write_text(json.dumps({**QWEN25_7B, "architectures": ["Qwen2ForCausalLM"]}))
     monkeypatch.setattr(bench_step.Bench, "run_ar", replay("ar"))
     monkeypatch.setattr(bench_step.Bench, "run_sd", replay("sd"))
+    from tests.test_int4_kernels import in_process_child
+
+    monkeypatch.setattr(bench_step, "_child", in_process_child)  # the parts' processes, run here
     monkeypatch.setattr(cal, "measure_f_eff", lambda cfg, device="cuda": {"F": TRUTH.F, "by_tokens": {}})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)

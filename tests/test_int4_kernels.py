@@ -267,6 +267,9 @@ def test_bench_step_records_name_their_variant_and_table_gives_r_plain(tmp_path,
     doc = json.loads(out.read_text())
     assert doc["variant"] == "tinygemm" and doc["meta"]["sd"]["draft_kernel"] == "tinygemm"
     assert [r["variant"] for r in doc["records"]] == ["tinygemm", "tinygemm"]
+    for r in doc["records"]:
+        r["ms_per_step_wall"] = 2.2  # the fake engine takes no time: give the wall clock a value
+    out.write_text(json.dumps(doc))
     ar = tmp_path / "ar.json"  # an AR record from another run, and an SD record from before `variant` existed
     ar.write_text(json.dumps({"records": [
         {"mode": "ar", "variant": "ar", "gamma": 0, "batch": 1, "seq": 512, "ms_per_step": 2.0},
@@ -275,8 +278,9 @@ def test_bench_step_records_name_their_variant_and_table_gives_r_plain(tmp_path,
     capsys.readouterr()
     bench_step.main(["table", "--json", str(out), str(ar)])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 512 ")]
-    # tinygemm gamma 3: draft step = 9 ms / 3 = 3.0; r vs AR 2.0 = 1.5; r_plain vs its gamma-0 decode 1.0 = 3.0
-    assert "| 512 | 1 | tinygemm | 3 | 2.000 | 2.000 | 1.000 | 3.000 | 1.500 | 3.000 | 1.500 | 0.750 |" in rows
+    # tinygemm gamma 3: wall 2.2 vs AR 2.0 = 1.1 (events 2.0 not compared); draft step = 9 ms / 3 = 3.0; r vs AR
+    # 2.0 = 1.5; r_plain vs its gamma-0 decode 1.0 = 3.0
+    assert "| 512 | 1 | tinygemm | 3 | 2.200 | 2.000 | 2.000 | 1.100 | 3.000 | 1.500 | 3.000 | 1.500 | 0.750 |" in rows
     assert any(row.startswith("| 512 | 1 | marlin | 3 |") for row in rows)  # variant-less records ran Marlin
 
 
@@ -287,33 +291,80 @@ class _OomAboveBs16(_FakeEngine):
         super().__init__(model, spec, sglang_args)
 
 
-def test_bench_step_sd_start_failure_retries_at_b16_and_a_failed_part_spares_the_other(tmp_path, monkeypatch):
-    """A device call is scarce: an SD engine that cannot capture graphs for every B retries with states up to
-    B = 16 (and pins gamma > 0 only there); a part that fails outright still leaves the other part's records."""
-    import torch
+def in_process_child(args, part, budget_s, bs_max):
+    """bench_step._child without the process: main(child_argv) here; an exception = a dead child (exit 1)."""
+    path = bench_step.child_json(args, part)
+    if os.path.exists(path):
+        os.remove(path)
+    try:
+        bench_step.main(bench_step.child_argv(args, part, budget_s, bs_max))
+        rc = 0
+    except Exception:  # noqa: BLE001 - what a killed child process looks like to the parent
+        rc = 1
+    if not os.path.exists(path):
+        return rc, {}
+    with open(path) as f:
+        return rc, json.load(f)
 
-    from er_sglang.sglang import engine as sgl_engine
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    import torch
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "fake")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(bench_step, "calibration_meta", lambda model, f_eff=True: {})
+    monkeypatch.setattr(bench_step, "calibration_meta", lambda model, f_eff=True: {"f_eff": {"F": 1.0}} if f_eff else {})
+    monkeypatch.setattr(bench_step, "_child", in_process_child)
+
+
+def test_bench_step_runs_ar_first_and_retries_an_sd_start_failure_at_b16(tmp_path, monkeypatch, fake_gpu):
+    """A device call is scarce: AR (the baseline) runs first; an SD engine that cannot start with graph states
+    for every B retries with states up to B = 16, pinning gamma > 0 only there."""
+    from er_sglang.sglang import engine as sgl_engine
+
     monkeypatch.setattr(sgl_engine, "SGLangEngine", _OomAboveBs16)
     out = tmp_path / "b.json"
-    argv = ["run", "--json", str(out), "--seqs", "512", "--batches", "1,32", "--gammas", "0,3", "--limit-s", "600",
-            "--ar-reserve-s", "0"]
-    bench_step.main(argv)
+    SPECS.clear()
+    bench_step.main(["run", "--json", str(out), "--seqs", "512", "--batches", "1,32", "--gammas", "0,3",
+                     "--limit-s", "600"])
     doc = json.loads(out.read_text())
-    assert SPECS[-2]["bs_max"] == 16 and doc["meta"]["sd"]["bs_max"] == 16  # SPECS[-1]: the AR engine
-    assert doc["meta"]["sd_start_error"] == {"bs_max": 32, "error": "RuntimeError: Tried to allocate 2.00 GiB"}
-    assert sorted((r["mode"], r["batch"], r["gamma"]) for r in doc["records"]) == [
+    assert [s["mode"] for s in SPECS] == ["no-sd", "argmax"] and SPECS[1]["bs_max"] == 16
+    assert doc["meta"]["sd_start_error"] == {"bs_max": 32, "exit": 1} and doc["meta"]["sd"]["bs_max"] == 16
+    assert doc["meta"]["f_eff"] == {"F": 1.0} and doc["device"] == "fake"  # measured by the AR child only
+    assert [(r["mode"], r["batch"], r["gamma"]) for r in doc["records"]] == [
         ("ar", 1, 0), ("ar", 32, 0), ("sd", 1, 0), ("sd", 1, 3), ("sd", 32, 0)]
+    assert "sd_error" not in doc["meta"]
 
-    def broken_sd(self):
+
+def test_bench_step_sd_dying_mid_run_keeps_both_parts_records_and_exits_nonzero(tmp_path, monkeypatch, fake_gpu):
+    from er_sglang.sglang import engine as sgl_engine
+
+    monkeypatch.setattr(sgl_engine, "SGLangEngine", _FakeEngine)
+
+    def dies_after_one_record(self):
+        self.out["records"].append({"mode": "sd", "gamma": 0, "batch": 1, "seq": 512})
+        self.save()
         raise RuntimeError("scheduler died")
 
-    monkeypatch.setattr(bench_step.Bench, "run_sd", broken_sd)
+    monkeypatch.setattr(bench_step.Bench, "run_sd", dies_after_one_record)
+    out = tmp_path / "b.json"
     with pytest.raises(SystemExit, match="part\\(s\\) sd failed"):
-        bench_step.main(argv)
+        bench_step.main(["run", "--json", str(out), "--seqs", "512", "--batches", "1,32", "--gammas", "0,3"])
     doc = json.loads(out.read_text())
-    assert doc["meta"]["sd_error"] == "RuntimeError: scheduler died"
-    assert [r["mode"] for r in doc["records"]] == ["ar", "ar"]
+    assert doc["meta"]["sd_error"].startswith("child exited 1") and "sd_start_error" not in doc["meta"]
+    assert [r["mode"] for r in doc["records"]] == ["ar", "ar", "sd"]  # no retry: the SD engine had started
+
+
+def test_bench_step_child_process_runs_and_its_failure_is_recorded(tmp_path, capfd):
+    """The real child (a subprocess: the argv round trip, the process group) on a machine without CUDA: it
+    fails at its first CUDA call, and the parent records that and exits non-zero instead of dying with it."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the failure path, which needs a machine without CUDA")
+    out = tmp_path / "b.json"
+    with pytest.raises(SystemExit, match="part\\(s\\) ar failed"):
+        bench_step.main(["run", "--json", str(out), "--parts", "ar", "--seqs", "512", "--batches", "1",
+                         "--limit-s", "60", "--no-f-eff"])
+    assert json.loads(out.read_text())["meta"]["ar_error"].startswith("child exited 1")
+    assert "Torch not compiled with CUDA enabled" in capfd.readouterr().err  # the child's own traceback

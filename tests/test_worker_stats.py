@@ -17,6 +17,15 @@ def test_worker_stats_denominator_follows_each_steps_gamma():
     assert d["accept_len_hist"] == {3: 1, 1: 1, 5: 1}
 
 
+def test_worker_stats_skip_a_step_that_served_no_sequence():
+    st = WorkerStats()
+    st.observe(3, [2])
+    st.observe(3, [])  # the overlap scheduler's step past the last token: every request already finished
+    d = st.as_dict()
+    assert (d["num_steps"], d["num_spec_steps"], d["num_drafted"], d["num_emitted"]) == (1, 1, 3, 3)
+    assert d["gamma_hist"] == {3: 1} and d["accept_len_hist"] == {2: 1}
+
+
 def test_host_profiler_writes_stats_after_its_window(tmp_path, monkeypatch):
     out = tmp_path / "prof.txt"
     monkeypatch.setenv("ER_PROFILE_STEPS", f"1,2,{out}")
