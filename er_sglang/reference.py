@@ -94,6 +94,7 @@ class ReferenceEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         # one generator per call: the same seeds and the same batch give the same rollouts, bit for bit
         # (docs/reproducibility.md); another split of the batch across engines samples differently
+        self._require_awake("generate")
         seed = call_seed(params, fallback=self._calls)
         self._calls += 1
         gen = torch.Generator().manual_seed(seed)
@@ -119,6 +120,7 @@ class ReferenceEngine:
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
         """Copy new target weights in place (strict names), then re-quantize the drafter from them."""
+        self._require_awake("update_weights")
         t0 = time.perf_counter()
         _check_state_dict(self.model.state_dict(), state_dict)  # all or nothing: validate before copying
         with torch.no_grad():
@@ -136,12 +138,14 @@ class ReferenceEngine:
     def begin_weight_update(self, shapes: dict[str, list[int]]) -> None:
         """Same names and shapes as the model's state dict (all of them but tied aliases, which follow their
         parameter); ValueError naming the first offender."""
+        self._require_awake("begin_weight_update")
         aliases = tied_aliases(self.model)
         _check_shapes({k: v for k, v in self.model.state_dict().items() if k not in aliases or k in shapes}, shapes)
 
     def load_weights(self, named: list[tuple[str, torch.Tensor]], last: bool) -> dict[str, float]:
         """One bucket copied in place (names and shapes checked by begin_weight_update); after the last, the
         drafter is re-quantized from the new weights, once."""
+        self._require_awake("load_weights")
         t0 = time.perf_counter()
         held = self.model.state_dict()
         with torch.no_grad():
@@ -176,10 +180,16 @@ class ReferenceEngine:
         return self.drafter.requantize() if self.drafter is not None else 0.0
 
     def sleep(self) -> None:
-        self.is_sleeping = True  # nothing to release on CPU
+        self.is_sleeping = True  # nothing to release on CPU; the GPU engine's lifecycle is enforced all the same
 
     def wake(self) -> None:
-        self.is_sleeping = False
+        self.is_sleeping = False  # waking an awake engine is a no-op, as on the GPU
+
+    def _require_awake(self, what: str) -> None:
+        """A sleeping GPU engine has released its weights and KV cache: generating or writing weights then
+        would touch unmapped memory. The CPU engine refuses the same calls, so CI catches a wrong order."""
+        if self.is_sleeping:
+            raise RuntimeError(f"{what} on a sleeping engine: wake() it first")
 
     def stats(self, reset: bool = False) -> SpecStats:
         out = self._stats

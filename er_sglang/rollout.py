@@ -46,6 +46,13 @@ def check_runnable(cfg) -> None:
     if cfg.engine == "sglang" and importlib.util.find_spec("sglang") is None:
         raise ConfigError("engine: sglang needs SGLang 0.5.17 (pip install -e '.[gpu]' on a GPU machine); "
                           "engine=reference runs on CPU")
+    cluster, sglang_args = getattr(cfg, "cluster", None), getattr(cfg, "sglang", None) or {}
+    if (cfg.engine == "sglang" and getattr(cluster, "placement", None) == "colocated"
+            and "enable_memory_saver" not in sglang_args and importlib.util.find_spec("torch_memory_saver") is None):
+        # without it the engine's sleep() frees no GPU memory, and training beside it runs out of memory
+        raise ConfigError("cluster.placement: colocated with engine=sglang needs torch_memory_saver (pip install "
+                          "torch_memory_saver==0.0.10) so that the engine's sleep frees GPU memory for training; "
+                          "or set sglang.enable_memory_saver=false to train beside an engine that keeps its memory")
 
 
 def make_engine(cfg, progress: bool = False) -> RolloutEngine:

@@ -126,6 +126,7 @@ class _Supervisor:
             step, data = 0, self.initial_data
             ray.get([e.load_policy_state.remote(p) for e, p in zip(engines, self.initial_policies)])
         self.prompts.load_state_dict(data)
+        self._wake_engines()  # a trainer that died in train_step left them asleep
         self.sync.sync()  # the engines generate with the restored weights, drafters re-quantized from them
         ray.get([e.stats.remote(True) for e in engines])  # counts of an abandoned step are not this one's
         self.policies = ray.get([e.policy_state.remote() for e in engines])
@@ -153,9 +154,15 @@ class _Supervisor:
     def _revive_engines(self) -> None:
         engines = self.cluster.engines
         self.cluster.wait_engines()  # Ray restarts the dead one (max_restarts = fault.max_engine_restarts)
+        self._wake_engines()  # the survivors may be asleep (the restarted one starts awake)
         self.sync.sync()
         ray.get([e.load_policy_state.remote(p) for e, p in zip(engines, self.policies)])
         ray.get([e.stats.remote(True) for e in engines])  # the lost attempt's counts
+
+    def _wake_engines(self) -> None:
+        """Weights are written only into awake engines (asleep, a GPU engine's weights are unmapped); waking
+        an awake engine is a no-op."""
+        ray.get([e.wake.remote() for e in self.cluster.engines])
 
     def recover_trainers(self, exc: Exception, step: int) -> int:
         """A trainer call failed in `step`: if a rank died, restart every rank from the newest checkpoint

@@ -182,6 +182,8 @@ class FSDPTrainer:
         out["train/num_tokens"] = totals["train/num_tokens"] / self.ppo_epochs
         out["train/skipped_updates"] = totals["train/skipped_updates"]  # a count, not a mean
         out["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        if torch.cuda.is_available():  # colocated: the engine's wake() re-maps its memory next; return the cache
+            torch.cuda.empty_cache()
         return out
 
     def _update(self, mini: dict[str, Tensor]) -> dict[str, float]:

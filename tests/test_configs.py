@@ -120,3 +120,20 @@ def test_configs_sweep_runs_are_valid_er_train_configs(name, num_runs):
         assert overrides[-1] == "run_dir=runs/x"
         cfg = load_config(TrainConfig, [str(CONFIGS / "default.yaml"), *overrides])
         assert all(_flat(asdict(cfg))[k] == v for k, v in params.items())
+
+
+def test_check_runnable_colocated_sglang_needs_the_memory_saver_unless_opted_out(monkeypatch):
+    import importlib.util
+
+    from er_sglang.config import ConfigError
+    from er_sglang.rollout import check_runnable
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        None if name == "torch_memory_saver" else object() if name == "sglang" else real(name, *a)))
+    cfg = load_config(TrainConfig, ["engine=sglang", "cluster.placement=colocated"])
+    with pytest.raises(ConfigError, match=r"^cluster\.placement: colocated with engine=sglang needs torch_memory_saver"):
+        check_runnable(cfg)
+    check_runnable(load_config(TrainConfig, ["engine=sglang", "cluster.placement=colocated",
+                                             "sglang.enable_memory_saver=false"]))
+    check_runnable(load_config(TrainConfig, ["engine=sglang", "cluster.placement=split"]))

@@ -7,6 +7,7 @@ worker's `control.handle`, over a stand-in model laid out as SGLang's Llama (sta
 padded vocabulary, tied head).
 """
 import json
+import types
 from types import SimpleNamespace
 
 import pytest
@@ -296,3 +297,24 @@ def test_sglang_warmup_decodes_at_every_candidate_gamma_and_puts_the_state_back(
     assert ("stats", True) in calls and engine._num_calls == 7
     engine.mode = "no-sd"
     assert engine.warmup() == 0.0
+
+
+def test_sglang_sleep_and_wake_are_idempotent_and_wake_marks_the_draft_stale(monkeypatch):
+    """SGLang raises on releasing a released tag or resuming an unreleased one (and its scheduler then takes the
+    engine down): a fault path that wakes a restarted (awake) engine, or sleeps twice, must be a no-op."""
+    from er_sglang.sglang import engine as sgl_engine
+
+    calls, engine = [], object.__new__(SGLangEngine)
+    engine.mode, engine.memory, engine.is_asleep, engine._gpu_id = "argmax", {}, False, 0
+    engine.engine = types.SimpleNamespace(
+        release_memory_occupation=lambda tags: calls.append(("release", tuple(tags))),
+        resume_memory_occupation=lambda tags: calls.append(("resume", tuple(tags))))
+    engine.rpc = lambda op, **kw: calls.append((op,))
+    monkeypatch.setattr(sgl_engine, "_gpu_used_gib", lambda gpu_id=0: None)
+    assert engine.wake() == {} and calls == []  # awake: nothing to resume
+    assert "timing/sleep_s" in engine.sleep() and engine.is_asleep
+    assert engine.sleep() == {}  # already asleep
+    assert "timing/wake_s" in engine.wake() and not engine.is_asleep
+    assert engine.wake() == {}
+    tags = tuple(sgl_engine.MEMORY_TAGS)
+    assert calls == [("release", tags), ("resume", tags), ("mark_stale",)]

@@ -38,3 +38,22 @@ def test_host_profiler_writes_stats_after_its_window(tmp_path, monkeypatch):
     assert "function calls" in out.read_text()
     monkeypatch.delenv("ER_PROFILE_STEPS")
     assert HostProfiler.from_env() is None
+
+
+def test_control_draft_check_refreshes_a_draft_a_sync_marked_stale():
+    """A sync marks the draft stale (re-quantized lazily, before the next decode step); a check right after the
+    sync must judge the draft that step will use, not the stale one (else spec/draft_ok reports a false 0)."""
+    from types import SimpleNamespace
+
+    from er_sglang.sglang.control import handle
+
+    class Drafter:
+        is_stale = True
+
+        def refresh_if_stale(self):
+            self.is_stale = False
+
+        def check(self):
+            return {"all_equal": not self.is_stale, "num_linears": 2, "num_equal": 0 if self.is_stale else 2}
+
+    assert handle(SimpleNamespace(drafter=Drafter()), "draft_check")["all_equal"] is True

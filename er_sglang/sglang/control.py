@@ -52,7 +52,8 @@ def handle(worker, op: str, **kw) -> dict:
     if op == "mark_stale":  # after wake: re-quantize from the target's weights before the next decode step
         worker.drafter.mark_stale()
         return {"is_stale": True}
-    if op == "draft_check":
+    if op == "draft_check":  # a draft marked stale by a sync is re-quantized first, as the next decode step would
+        worker.drafter.refresh_if_stale()
         return worker.drafter.check()
     if op == "scramble_draft":
         # test-only: every twin's float tensors negated (the draft runs -W_hat) until the next requantize /

@@ -126,6 +126,7 @@ class SGLangEngine:
         self.server_kwargs = kwargs
         self._gpu_id = int(kwargs.get("base_gpu_id") or 0)
         self.memory: dict = {}  # GPU memory and times of the last sleep and wake (each returns its own)
+        self.is_asleep = False  # sleep() released the weights and KV cache; wake() has not resumed them yet
         self._num_calls = 0  # generate() calls: seeds for calls that bring none
         self.engine = self._start(kwargs)
         self._stats_no_sd = SpecStats.fresh()
@@ -322,8 +323,11 @@ class SGLangEngine:
         The int4 twins are made in alloc_memory_pool, after SGLang's "weights" region closed: they stay
         resident and keep their values. Returns GPU memory (device-wide) before and after, and the time.
         """
+        if self.is_asleep:  # SGLang raises on releasing a tag twice
+            return {}
         before, t0 = _gpu_used_gib(self._gpu_id), time.perf_counter()
         self.engine.release_memory_occupation(tags=list(MEMORY_TAGS))
+        self.is_asleep = True
         out = {"timing/sleep_s": time.perf_counter() - t0}
         after = _gpu_used_gib(self._gpu_id)
         if before and after:
@@ -339,8 +343,11 @@ class SGLangEngine:
         weights, the KV cache was flushed, and the draft is marked stale, so it is re-quantized from the
         target's weights before the next decode step (once, together with the sync's own mark).
         """
+        if not self.is_asleep:  # e.g. an engine restarted after a fault: SGLang raises on resuming an unreleased tag
+            return {}
         t0 = time.perf_counter()
         self.engine.resume_memory_occupation(tags=list(MEMORY_TAGS))
+        self.is_asleep = False
         if self.mode != "no-sd":
             self.rpc("mark_stale")
         out = {"timing/wake_s": time.perf_counter() - t0}
