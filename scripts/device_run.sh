@@ -107,13 +107,22 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                     python3 -c "import ray, omegaconf; print('ray', ray.__version__, 'omegaconf', omegaconf.__version__)"
                 fi
                 el "pydeps: $(ls /tmp/pydeps | tr '\n' ' ') done=$([ -f /tmp/.pydeps_done ] && echo yes || echo no)" ;;
-        train)  # issue 11: er-train on the staged 0.5B (/tmp/q05) per mode in TRAIN_MODES, GSM8K from pydeps
+        train)  # issue 11: er-train on the staged 0.5B (/tmp/q05) per mode in TRAIN_MODES, GSM8K from pydeps. A call is
+                # <= 10 min and 20 steps may not fit one: SIGTERM 100 s before the call's end (er-train finishes the
+                # step and checkpoints), and the next call with the same mode continues it (resume=auto) unless
+                # TRAIN_FRESH=1. checkpoint.keep=1, and a finished run's checkpoints are deleted (7.6 GB each).
                 for m in ${TRAIN_MODES:-no-sd}; do
-                    rm -rf "/tmp/runs/$m"; mkdir -p /tmp/res/train
-                    timeout "$(( $(left) - 25 ))" setsid python3 -m orchestrator.cli "$TRAIN_CFG/$m.yaml" \
-                        "run_dir=/tmp/runs/$m" logging.wandb=disabled $TRAIN_DATA ${TRAIN_ARGS:-} > "$OUT/train_$m.log" 2>&1
+                    d=/tmp/runs/$m; mkdir -p /tmp/res/train
+                    if [ "${TRAIN_FRESH:-0}" = 1 ] || [ ! -d "$d/checkpoints" ]; then
+                        rm -rf "$d"; args=("$TRAIN_CFG/$m.yaml" "run_dir=$d" logging.wandb=disabled $TRAIN_DATA)
+                    else
+                        args=("run_dir=$d" resume=auto)
+                    fi
+                    timeout -k 30 "$(( $(left) - 100 ))" setsid python3 -m orchestrator.cli "${args[@]}" \
+                        checkpoint.keep=1 ${TRAIN_ARGS:-} >> "$OUT/train_$m.log" 2>&1
                     el "train $m rc=$?"; tail -n 28 "$OUT/train_$m.log" | cut -c1-250
-                    cp "/tmp/runs/$m/metrics.jsonl" "/tmp/res/train/$m.jsonl" 2>/dev/null; raystop
+                    cp "$d/metrics.jsonl" "/tmp/res/train/$m.jsonl" 2>/dev/null; raystop
+                    grep -q "er-train: done" "$OUT/train_$m.log" && rm -rf "$d/checkpoints"
                 done ;;
         train_resume) # SIGKILL the whole run once step RESUME_KILL_AFTER's checkpoint exists, then resume=auto
                 m=${RESUME_MODE:-argmax}; d=/tmp/runs/resume_$m; k=${RESUME_KILL_AFTER:-2}; rm -rf "$d"
@@ -130,7 +139,7 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                 timeout "$(( $(left) - 20 ))" setsid python3 -m orchestrator.cli "run_dir=$d" resume=auto \
                     > "$OUT/resume_second.log" 2>&1
                 el "resume rc=$?"; tail -n 12 "$OUT/resume_second.log" | cut -c1-250
-                cp "$d/metrics.jsonl" /tmp/res/train/resume_${m}.jsonl 2>/dev/null; raystop ;;
+                cp "$d/metrics.jsonl" /tmp/res/train/resume_${m}.jsonl 2>/dev/null; raystop; rm -rf "$d/checkpoints" ;;
         rollout) # issue 10 part real: the staged 0.5B (/tmp/q05 + its staged tokenizer), MATH levels 3-5 from
                 # pydeps, 64 prompts x G 8, 4096 new tokens; ROLLOUT_MODES (comma-separated) per call, one JSON each
                 tag=$(echo "${ROLLOUT_MODES:-no-sd}" | tr ',' '_')
