@@ -110,6 +110,8 @@ def _finish_reason(meta: dict) -> str:
 class SGLangEngine:
     """RolloutEngine over an in-process sglang.Engine (its scheduler runs in a child process)."""
 
+    is_asleep = False  # sleep() released the weights and KV cache; wake() has not resumed them yet
+
     def __init__(self, model_path: str, spec: dict, sglang_args: dict | None = None):
         sglang_args = dict(sglang_args or {})
         check_server_args(sglang_args)
@@ -126,7 +128,6 @@ class SGLangEngine:
         self.server_kwargs = kwargs
         self._gpu_id = int(kwargs.get("base_gpu_id") or 0)
         self.memory: dict = {}  # GPU memory and times of the last sleep and wake (each returns its own)
-        self.is_asleep = False  # sleep() released the weights and KV cache; wake() has not resumed them yet
         self._num_calls = 0  # generate() calls: seeds for calls that bring none
         self.engine = self._start(kwargs)
         self._stats_no_sd = SpecStats.fresh()
