@@ -148,12 +148,15 @@ class Bench:
         st = eng.rpc("stats", reset=True)
         ms = {k["kind"]: k["ms"] for k in st["timing"] if k["gamma"] == g and k["batch"] == b}
         nsteps = {k["kind"]: k["n"] for k in st["timing"] if k["gamma"] == g and k["batch"] == b}
+        graph = {k["kind"]: k.get("graph_frac") for k in st["timing"]
+                 if k["gamma"] == g and k["batch"] == b and k.get("graph_frac") is not None}
         rec = {"mode": "sd", "variant": self.variant, "gamma": g, "batch": b, "seq": s, "backend": self.args.backend,
                "ms_per_step": ms.get("step"), "t_draft_ms": ms.get("draft", 0.0),
                "t_draft_step_ms": ms["draft"] / g if g and "draft" in ms else None,
                "t_verify_ms": ms.get("verify"), "t_decode_ms": ms.get("decode"), "num_steps": nsteps.get("step"),
                "gamma_hist": st["gamma_hist"], "ms_per_step_wall": 1e3 * (tn - t1) / max(st["num_steps"], 1),
-               "accept_len": st["num_emitted"] / max(st["num_seq_steps"], 1), "device": self.out["device"]}
+               "accept_len": st["num_emitted"] / max(st["num_seq_steps"], 1), "graph_frac": graph,
+               "device": self.out["device"]}
         self.out["records"].append(rec)
         print("SD", json.dumps(rec), flush=True)
 

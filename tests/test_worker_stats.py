@@ -57,3 +57,30 @@ def test_control_draft_check_refreshes_a_draft_a_sync_marked_stale():
             return {"all_equal": not self.is_stale, "num_linears": 2, "num_equal": 0 if self.is_stale else 2}
 
     assert handle(SimpleNamespace(drafter=Drafter()), "draft_check")["all_equal"] is True
+
+
+def test_step_timer_reports_the_share_of_forwards_that_replayed_a_graph(monkeypatch):
+    """CUDA events stubbed: 2 ms each; graph=None (a whole step) leaves graph_frac None."""
+    import types
+
+    from er_sglang.sglang import stats
+
+    class Event:
+        def __init__(self, enable_timing=True):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 2.0
+
+    monkeypatch.setattr(stats, "torch", types.SimpleNamespace(
+        cuda=types.SimpleNamespace(Event=Event, synchronize=lambda: None)))
+    timer = stats.StepTimer(True)
+    for graph in (True, True, False):
+        timer.stop(timer.start(), "verify", 3, 16, graph=graph)
+    timer.stop(timer.start(), "step", 3, 16)
+    rows = {r["kind"]: r for r in timer.summary()}
+    assert rows["verify"]["graph_frac"] == 2 / 3 and rows["verify"]["n"] == 3 and rows["verify"]["ms"] == 2.0
+    assert rows["step"]["graph_frac"] is None

@@ -30,7 +30,7 @@ class StepTimer:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._open: list = []
-        self._acc: dict[tuple[str, int, int], list[float]] = defaultdict(lambda: [0.0, 0])
+        self._acc: dict[tuple[str, int, int], list[float]] = defaultdict(lambda: [0.0, 0, 0, 0])  # ms, n, n_flag, n_graph
 
     def start(self):
         if not self.enabled:
@@ -39,12 +39,14 @@ class StepTimer:
         ev.record()
         return ev
 
-    def stop(self, start, kind: str, gamma: int, bs: int) -> None:
+    def stop(self, start, kind: str, gamma: int, bs: int, graph: bool | None = None) -> None:
+        """graph: whether the timed forward replayed a CUDA graph (None: not a single forward); the summary's
+        graph_frac shows a silent eager fallback, which would only read as a slow step."""
         if start is None:
             return
         end = torch.cuda.Event(enable_timing=True)
         end.record()
-        self._open.append((kind, gamma, bs, start, end))
+        self._open.append((kind, gamma, bs, start, end, graph))
         if len(self._open) >= 4096:
             self._resolve()
 
@@ -52,16 +54,21 @@ class StepTimer:
         if not self._open:
             return
         torch.cuda.synchronize()
-        for kind, gamma, bs, start, end in self._open:
+        for kind, gamma, bs, start, end, graph in self._open:
             slot = self._acc[(kind, gamma, bs)]
             slot[0] += start.elapsed_time(end)
             slot[1] += 1
+            if graph is not None:
+                slot[2] += 1
+                slot[3] += int(graph)
         self._open.clear()
 
     def summary(self) -> list[dict]:
-        """[{kind, gamma, batch, ms (mean), n}] over everything timed since the last reset."""
+        """[{kind, gamma, batch, ms (mean), n, graph_frac}] over everything timed since the last reset
+        (graph_frac: None where the kind's forwards did not report it)."""
         self._resolve()
-        return [{"kind": k, "gamma": g, "batch": b, "ms": v[0] / v[1], "n": v[1]}
+        return [{"kind": k, "gamma": g, "batch": b, "ms": v[0] / v[1], "n": v[1],
+                 "graph_frac": v[3] / v[2] if v[2] else None}
                 for (k, g, b), v in sorted(self._acc.items()) if v[1]]
 
     def reset(self) -> None:

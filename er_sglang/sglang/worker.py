@@ -210,7 +210,7 @@ class SelfSpecWorker(EAGLEWorkerV2):
         next_ids = mr.sample(logits, fb)
         if batch.return_logprob and logits.next_token_logprobs is not None:
             logits.next_token_logprobs = logits.next_token_logprobs.reshape(bs, 1)  # spec layout [B, accepted]
-        self.timer.stop(start, "decode", 0, bs)
+        self.timer.stop(start, "decode", 0, bs, graph=res.can_run_graph)
         return GenerationBatchResult(
             logits_output=logits, next_token_ids=next_ids, can_run_cuda_graph=res.can_run_graph,
             speculative_num_draft_tokens=1, next_draft_input=self._seed(next_ids),
@@ -236,7 +236,8 @@ class SelfSpecWorker(EAGLEWorkerV2):
                 for i in range(gamma):
                     fb = self._decode_batch(batch, tok, i, return_logprob=False)
                     self._plan_barrier(self.states["draft"])
-                    logits = mr.forward(fb).logits_output.next_token_logits  # [B, V], a view of a graph buffer
+                    res = mr.forward(fb)
+                    logits = res.logits_output.next_token_logits  # [B, V], a view of a graph buffer
                     if info.is_all_greedy:
                         tok = torch.argmax(logits, dim=-1)
                     else:  # q = softmax(logits / T); x ~ q. The verify needs exactly this q.
@@ -245,7 +246,7 @@ class SelfSpecWorker(EAGLEWorkerV2):
                     tokens.append(tok)
         finally:
             self._go_home()
-        self.timer.stop(start, "draft", gamma, bs)
+        self.timer.stop(start, "draft", gamma, bs, graph=res.can_run_graph)  # every forward: the same B
         return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if probs else None)
 
     @staticmethod
@@ -286,7 +287,7 @@ class SelfSpecWorker(EAGLEWorkerV2):
         finally:
             self._go_home()
         out.next_draft_input = self._seed(out.next_draft_input.bonus_tokens)
-        self.timer.stop(start, "verify", gamma, bs)
+        self.timer.stop(start, "verify", gamma, bs, graph=bool(out.can_run_cuda_graph))
         return out
 
     # ---- small helpers around SGLang's plumbing ------------------------------------------------------
