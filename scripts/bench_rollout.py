@@ -53,11 +53,13 @@ def thin(trace: list | None, points: int = TRACE_POINTS) -> list | None:
     return [[round(t - t0, 4), b, g, e] for t, b, g, e in keep]
 
 
-def predict_wall(lengths: list[int], prompt_len: float, policy, roofline, accept, seed: int = 0) -> dict:
+def predict_wall(lengths: list[int], prompt_len: float, policy, roofline, accept, seed: int = 0,
+                 served_bs: dict | None = None) -> dict:
     """Model wall time of one rollout: every sequence active until it has emitted its measured length; each
-    step the policy picks gamma from (B, mean S); accepted drafts are drawn per sequence from `accept`
-    (er_sglang.replay.ReplayAccept of the run's own histograms); the step costs T_T (gamma = 0) or
-    o_D + gamma*T_D + T_V (Roofline.t_sd_step). Prefill is not modelled."""
+    step the policy picks gamma from (B, mean S), and as the GPU worker does, gamma > 0 runs only where the
+    engine has its graphs (B <= served_bs[gamma]; None: everywhere); accepted drafts are drawn per sequence
+    from `accept` (er_sglang.replay.ReplayAccept of the run's own histograms); the step costs T_T (gamma = 0)
+    or o_D + gamma*T_D + T_V (Roofline.t_sd_step). Prefill is not modelled."""
     rng = random.Random(seed)
     accept.rng = rng
     done = [0] * len(lengths)
@@ -68,6 +70,8 @@ def predict_wall(lengths: list[int], prompt_len: float, policy, roofline, accept
         B = len(active)
         S = prompt_len + sum(done[i] for i in active) / B
         gamma = policy.choose_gamma(B, S)
+        if gamma > 0 and served_bs is not None and B > served_bs.get(gamma, 0):
+            gamma = 0
         wall += float(roofline.t_sd_step(B, S, gamma))  # T_T at gamma = 0
         acc = [accept.draw(gamma) for _ in active] if gamma else [0] * B
         if gamma > 0:
@@ -111,9 +115,13 @@ class Runner:
             self.out["device"] = _device_name(cfg)
         mode = cfg.spec.mode
         try:
+            served = _served_bs(engine)
             for r in range(self.args.rollouts):
                 params = SamplingParams(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                                         top_p=cfg.sampling.top_p, seed=cfg.seed + r)
+                if hasattr(engine, "engine"):  # SGLang: as after an RL weight sync, no prompt is cached
+                    engine.engine.flush_cache()
+                state0 = engine.policy_state()  # what the engine's policy starts this rollout from
                 engine.stats(reset=True)
                 t0 = time.perf_counter()
                 if max_new is None:
@@ -136,11 +144,13 @@ class Runner:
                 if self.part != "real":
                     run["replay"] = True
                 policy, roof = _policy_and_roofline(cfg)
+                if state0 is not None:
+                    policy.load_state_dict(state0)
                 hist = run["accept_hist_by_gamma"] or {}
                 accept = ReplayAccept(build_replay([hist], "run")) if hist else ReplayAccept(
                     {"accept_hist_by_gamma": {}, "alpha_iid": 0.0})
                 prompt_len = sum(len(p) for p in prompts) / max(len(prompts), 1)
-                run.update(predict_wall(lengths, prompt_len, policy, roof, accept, seed=r))
+                run.update(predict_wall(lengths, prompt_len, policy, roof, accept, seed=r, served_bs=served))
                 self.out["runs"].append(run)
                 self.save()
                 print(json.dumps({k: v for k, v in run.items() if k not in ("lengths", "trace")}), flush=True)
@@ -149,11 +159,20 @@ class Runner:
                 engine.shutdown()
 
 
-def _device_name(cfg) -> str:
-    if cfg.engine == "sglang":
-        import torch
+def _served_bs(engine) -> dict | None:
+    """{gamma: largest B with speculation graphs} of a GPU engine (None: the CPU engine speculates at any B)."""
+    if not hasattr(engine, "rpc") or engine.mode == "no-sd":
+        return None
+    return {int(g): int(b) for g, b in (engine.rpc("stats").get("served_bs") or {}).items()}
 
-        return torch.cuda.get_device_name(0)
+
+def _device_name(cfg) -> str:
+    if cfg.engine == "sglang":  # nvidia-smi, not torch: this driver must not open a CUDA context of its own
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, check=False).stdout.strip()
+        return out.splitlines()[0] if out else "cuda"
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()})"
@@ -167,7 +186,8 @@ def _generate_lengths(engine, prompts, params, max_new: list[int]):
         raise ValueError("replay: needs engine=sglang (per-request lengths and replayed acceptance are GPU-only)")
     sps = [{"temperature": params.temperature, "top_p": params.top_p, "top_k": -1, "max_new_tokens": int(n),
             "ignore_eos": True, "sampling_seed": int(params.seed) + i} for i, n in enumerate(max_new)]
-    outs = engine.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=sps)
+    # log-probs as SGLangEngine.generate asks for them (RL needs them): the replay times the same work
+    outs = engine.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=sps, return_logprob=True)
     return [SimpleNamespace(output_ids=o["output_ids"]) for o in outs]
 
 

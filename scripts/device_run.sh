@@ -145,7 +145,7 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                 tag=$(echo "${ROLLOUT_MODES:-no-sd}" | tr ',' '_')
                 timeout "$(( $(left) - 15 ))" python3 scripts/bench_rollout.py real "$TRAIN_CFG/base.yaml" \
                     data.train=/tmp/pydeps/math_hard_train.jsonl data.prompts_per_step=64 sampling.max_new_tokens=4096 \
-                    ${ROLLOUT_OVERRIDES:-} --modes "${ROLLOUT_MODES:-no-sd}" --rollouts "${ROLLOUT_N:-3}" \
+                    sglang.cuda_graph_max_bs_decode=512 ${ROLLOUT_OVERRIDES:-} --modes "${ROLLOUT_MODES:-no-sd}" --rollouts "${ROLLOUT_N:-3}" \
                     --json "/tmp/res/bench_rollout_real_$tag.json" > "$OUT/rollout_$tag.log" 2>&1
                 el "rollout $tag rc=$?"; grep -E '^\{' "$OUT/rollout_$tag.log" | cut -c1-300
                 grep -m8 -E "Error|error:|Traceback" "$OUT/rollout_$tag.log" | cut -c1-300 ;;
@@ -153,11 +153,14 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                 # (the real JSONs of earlier calls, merged; or REPLAY_FROM), ROLLOUT_MODES per call
                 python3 scripts/bench_step.py make --model /tmp/q7 > /dev/null 2>&1
                 src=${REPLAY_FROM:-/tmp/res/bench_rollout_real.json}
-                [ -z "${REPLAY_FROM:-}" ] && python3 scripts/bench_rollout.py merge --json "$src" \
-                    $(ls /tmp/res/bench_rollout_real_*.json) | tail -n 1
+                if [ -z "${REPLAY_FROM:-}" ]; then  # this warm machine's real-part JSONs; a cold one needs REPLAY_FROM
+                    reals=$(ls /tmp/res/bench_rollout_real_*.json 2>/dev/null)
+                    [ -z "$reals" ] && { el "replay: no real-part JSON on this machine: pass REPLAY_FROM=docs/results/..."; continue; }
+                    python3 scripts/bench_rollout.py merge --json "$src" $reals | tail -n 1
+                fi
                 tag=$(echo "${ROLLOUT_MODES:-no-sd}" | tr ',' '_')
                 timeout "$(( $(left) - 15 ))" python3 scripts/bench_rollout.py replay "$TRAIN_CFG/base.yaml" \
-                    model.path=/tmp/q7 sglang.load_format=dummy sglang.mem_fraction_static=0.85 \
+                    model.path=/tmp/q7 sglang.load_format=dummy sglang.mem_fraction_static=0.8 \
                     sglang.attention_backend="${BACKEND:-flashinfer}" ${ROLLOUT_OVERRIDES:-} --from "$src" \
                     --modes "${ROLLOUT_MODES:-no-sd}" --rollouts "${ROLLOUT_N:-3}" \
                     --json "/tmp/res/bench_rollout_replay_$tag.json" > "$OUT/replay_$tag.log" 2>&1

@@ -47,6 +47,13 @@ def test_predict_wall_full_acceptance_rtn():
     assert out["predicted_steps"] == 2 and out["predicted_wall_s"] == round(step(2) + step(1), 3)
 
 
+def test_predict_wall_speculates_only_where_the_engine_has_graphs():
+    # served_bs {3: 1}: B = 2 decodes plainly (T_T = 3 ms) twice, then B = 1 speculates (6.5 ms) to the end
+    accept = ReplayAccept(build_replay([{3: {3: 5}}], "t"))
+    out = predict_wall([2, 6], 10, SpecPolicy("rtn", gamma=3), _Roof(), accept, served_bs={3: 1})
+    assert out == {"predicted_wall_s": round(3e-3 + 3e-3 + 6.5e-3, 3), "predicted_steps": 3}
+
+
 def test_replay_draws_from_the_measured_histogram_and_fits_alpha():
     spec = build_replay([{"3": {"0": 1, "3": 3}}, {3: {0: 1}, 5: {5: 2}}], "src")
     assert spec["accept_hist_by_gamma"] == {"3": {"0": 2, "3": 3}, "5": {"5": 2}}

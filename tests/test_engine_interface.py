@@ -295,8 +295,9 @@ def test_sglang_warmup_decodes_at_every_candidate_gamma_and_puts_the_state_back(
     assert all(c[2] == {"ignore_eos": True} for c in calls if c[0] == "generate")
     assert forced["gamma"] is None and policy["state"] == {"accept_rate_prev": 0.9}
     assert ("stats", True) in calls and engine._num_calls == 7
-    engine.mode = "no-sd"
-    assert engine.warmup() == 0.0
+    engine.mode, calls[:] = "no-sd", []
+    assert engine.warmup() >= 0  # no-sd decodes once too (a first timed rollout must not pay the compiles)
+    assert [c[0] for c in calls] == ["generate", "stats"] and engine._num_calls == 7
 
 
 def test_sglang_sleep_and_wake_are_idempotent_and_wake_marks_the_draft_stale(monkeypatch):

@@ -208,9 +208,10 @@ def test_sweep_ctrl_c_reaches_the_run_once_and_stops_the_sweep(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(path), "--sweep-dir", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 30
+    deadline = time.time() + 120  # the sweep's and the run's imports: slow on a loaded 2-core machine
     while not (out / "run-0" / "started").exists() and time.time() < deadline:
         time.sleep(0.05)
+    assert (out / "run-0" / "started").exists(), "the sweep's first run did not start within 120 s"
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr

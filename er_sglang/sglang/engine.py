@@ -166,18 +166,20 @@ class SGLangEngine:
     def warmup(self, max_new_tokens: int = 12) -> float:
         """Decode a little at every candidate gamma (forced), so that SGLang's Triton kernels specialized on
         the verify width (reject sampling's NUM_SLOTS, the cache-location widths) compile now and not inside
-        the first rollout that picks that gamma (seconds each; cached on disk afterwards). The policy state,
-        the worker's stats and the seed counter are put back. Returns seconds (0 for no-sd)."""
-        if self.mode == "no-sd":
-            return 0.0
+        the first rollout that picks that gamma (seconds each; cached on disk afterwards); no-sd decodes once
+        (its prefill and decode kernels compile too, so that a first timed rollout compares fairly). The policy
+        state, the worker's stats and the seed counter are put back. Returns seconds."""
         t0, state, calls = time.perf_counter(), self.policy_state(), self._num_calls
+        gammas = self.rpc("stats")["candidates"] if self.mode != "no-sd" else [None]  # None: plain decoding
         try:
-            for gamma in self.rpc("stats")["candidates"]:
-                self.rpc("set_gamma", gamma=int(gamma))
+            for gamma in gammas:
+                if gamma is not None:
+                    self.rpc("set_gamma", gamma=int(gamma))
                 self.generate([[11, 12, 13, 14], [21, 22, 23]], SamplingParams(max_new_tokens=max_new_tokens),
                               ignore_eos=True)
         finally:
-            self.rpc("set_gamma", gamma=-1)
+            if self.mode != "no-sd":
+                self.rpc("set_gamma", gamma=-1)
             self.load_policy_state(state)
             self.stats(reset=True)
             self._num_calls = calls
