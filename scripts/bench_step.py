@@ -226,6 +226,9 @@ def cmd_run(args) -> None:
     B = SD_FALLBACK_BS. The children's records and meta are merged into --json."""
     if args.child:
         return run_part(args)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM still reaps the child's group
     t0 = time.time()
     out = {"device": None, "backend": args.backend, "variant": args.draft_kernel, "records": [],
            "meta": {"cmd": " ".join(sys.argv), "max_total_num_tokens": {}}}
@@ -252,7 +255,8 @@ def cmd_run(args) -> None:
 
 def _child(args, part: str, budget_s: float, bs_max: int) -> tuple[int, dict]:
     """(exit status, its JSON or {}): `run --child` for one part in its own process group, killed whole
-    (SGLang's scheduler processes included) if it overruns its budget."""
+    (SGLang's scheduler processes included) when it ends, overruns its budget, or this process is terminated:
+    nothing of it may keep holding the GPU for the device call's next step."""
     import signal
     import subprocess
 
@@ -262,14 +266,15 @@ def _child(args, part: str, budget_s: float, bs_max: int) -> tuple[int, dict]:
     cmd = [sys.executable, os.path.abspath(__file__), *child_argv(args, part, budget_s, bs_max)]
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
-        rc = proc.wait(timeout=budget_s + 60)
+        rc = proc.wait(timeout=budget_s + 30)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait()
-    try:  # the part's scheduler processes may outlive a killed child: they hold the GPU
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        rc = -9
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     if not os.path.exists(path):
         return rc, {}
     with open(path) as f:

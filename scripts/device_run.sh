@@ -23,6 +23,7 @@ LIMIT=${LIMIT:-570}
 t0=$(date +%s)
 el() { echo "[t=$(( $(date +%s) - t0 ))s] $*"; }
 left() { local l=$(( LIMIT - ($(date +%s) - t0) )); [ "$l" -lt 5 ] && l=5; echo "$l"; }
+lim() { local l=$(( $(left) - $1 )); [ "$l" -lt 5 ] && l=5; echo "$l"; }  # seconds left minus a margin, >= 5
 export PYTHONPATH=/tmp/site:$PWD ER_GPU_RESULTS=/tmp/res
 
 if [ -d .whl ]; then
@@ -53,7 +54,7 @@ bench() {  # bench BACKEND [KERNEL [SHARES]]: spec.draft_kernel=KERNEL (marlin),
     local tag=$1; [ "${2:-marlin}" != marlin ] && tag=$1_$2
     python3 scripts/bench_step.py make --model /tmp/q7 > "$OUT/bench_$tag.log" 2>&1
     local blim=$(( ($(left) - 15 - ${BENCH_LEAVE:-0}) / ${3:-1} ))
-    timeout "$(( blim + 10 ))" python3 scripts/bench_step.py run --model /tmp/q7 --limit-s "$blim" --backend "$1" \
+    timeout "$(( blim + 45 ))" python3 scripts/bench_step.py run --model /tmp/q7 --limit-s "$blim" --backend "$1" \
         --draft-kernel "${2:-marlin}" --json "/tmp/res/bench_step_${GPU}_$tag.json" ${BENCH_ARGS:-} \
         >> "$OUT/bench_$tag.log" 2>&1
     el "bench $tag rc=$?"; grep -E "^(SD|AR) " "$OUT/bench_$tag.log" | cut -c1-260 | tail -n 70
@@ -118,7 +119,7 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                     else
                         args=("run_dir=$d" resume=auto)
                     fi
-                    timeout -k 30 "$(( $(left) - 100 ))" setsid python3 -m orchestrator.cli "${args[@]}" \
+                    timeout -k 30 "$(lim 100)" setsid python3 -m orchestrator.cli "${args[@]}" \
                         checkpoint.keep=1 ${TRAIN_ARGS:-} >> "$OUT/train_$m.log" 2>&1
                     el "train $m rc=$?"; tail -n 28 "$OUT/train_$m.log" | cut -c1-250
                     cp "$d/metrics.jsonl" "/tmp/res/train/$m.jsonl" 2>/dev/null; raystop
@@ -136,14 +137,14 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                 kill -9 -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null; raystop
                 el "killed after checkpoint step $k: $(ls "$d/checkpoints" 2>/dev/null | tr '\n' ' ')"
                 cp "$d/metrics.jsonl" /tmp/res/train/resume_${m}_first.jsonl 2>/dev/null
-                timeout "$(( $(left) - 20 ))" setsid python3 -m orchestrator.cli "run_dir=$d" resume=auto \
+                timeout "$(lim 20)" setsid python3 -m orchestrator.cli "run_dir=$d" resume=auto \
                     > "$OUT/resume_second.log" 2>&1
                 el "resume rc=$?"; tail -n 12 "$OUT/resume_second.log" | cut -c1-250
                 cp "$d/metrics.jsonl" /tmp/res/train/resume_${m}.jsonl 2>/dev/null; raystop; rm -rf "$d/checkpoints" ;;
         rollout) # issue 10 part real: the staged 0.5B (/tmp/q05 + its staged tokenizer), MATH levels 3-5 from
                 # pydeps, 64 prompts x G 8, 4096 new tokens; ROLLOUT_MODES (comma-separated) per call, one JSON each
                 tag=$(echo "${ROLLOUT_MODES:-no-sd}" | tr ',' '_')
-                timeout "$(( $(left) - 15 ))" python3 scripts/bench_rollout.py real "$TRAIN_CFG/base.yaml" \
+                timeout "$(lim 15)" python3 scripts/bench_rollout.py real "$TRAIN_CFG/base.yaml" \
                     data.train=/tmp/pydeps/math_hard_train.jsonl data.prompts_per_step=64 sampling.max_new_tokens=4096 \
                     sglang.cuda_graph_max_bs_decode=512 ${ROLLOUT_OVERRIDES:-} --modes "${ROLLOUT_MODES:-no-sd}" --rollouts "${ROLLOUT_N:-3}" \
                     --json "/tmp/res/bench_rollout_real_$tag.json" > "$OUT/rollout_$tag.log" 2>&1
@@ -159,7 +160,7 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                     python3 scripts/bench_rollout.py merge --json "$src" $reals | tail -n 1
                 fi
                 tag=$(echo "${ROLLOUT_MODES:-no-sd}" | tr ',' '_')
-                timeout "$(( $(left) - 15 ))" python3 scripts/bench_rollout.py replay "$TRAIN_CFG/base.yaml" \
+                timeout "$(lim 15)" python3 scripts/bench_rollout.py replay "$TRAIN_CFG/base.yaml" \
                     model.path=/tmp/q7 sglang.load_format=dummy sglang.mem_fraction_static=0.8 \
                     sglang.attention_backend="${BACKEND:-flashinfer}" ${ROLLOUT_OVERRIDES:-} --from "$src" \
                     --modes "${ROLLOUT_MODES:-no-sd}" --rollouts "${ROLLOUT_N:-3}" \
@@ -171,7 +172,7 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                 for n in ${CAL_SHAPES:-qwen2.5-7b}; do  # a shape name, or a model dir (e.g. /tmp/q05)
                     m="configs/shapes/$n"; [ -d "$n" ] && m=$n && n=$(basename "$n")
                     cb=$(( $(left) - 90 )); [ "$cb" -gt "${CAL_BUDGET:-480}" ] && cb=${CAL_BUDGET:-480}
-                    timeout "$(( $(left) - 10 ))" python3 -m er_sglang.calibrate --model "$m" \
+                    timeout "$(lim 10)" python3 -m er_sglang.calibrate --model "$m" \
                         --random-weights --name "$n" --budget-s "$cb" --backend "${BACKEND:-flashinfer}" --force \
                         --out "/tmp/res/${GPU}_tp1_$n.json" ${CAL_ARGS:-} > "$OUT/calibrate_$n.log" 2>&1
                     el "calibrate $n rc=$?"; tail -n 20 "$OUT/calibrate_$n.log" | cut -c1-250

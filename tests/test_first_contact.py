@@ -206,8 +206,14 @@ def test_sweep_ctrl_c_reaches_the_run_once_and_stops_the_sweep(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(path), "--sweep-dir", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A test run started in the background (`pytest &` in a script) ignores SIGINT, and an ignored signal stays
+    # ignored across exec: the sweep would never see the Ctrl-C. A handler here is reset to the default in it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", str(path), "--sweep-dir", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 120  # the sweep's and the run's imports: slow on a loaded 2-core machine
     while not (out / "run-0" / "started").exists() and time.time() < deadline:
         time.sleep(0.05)
