@@ -4,10 +4,11 @@
     er-calibrate --from-json RECORDS.json [--model HF_DIR] [--flops F]    # fit + validate existing measurements
     (= python -m er_sglang.calibrate ...; writes configs/roofline/<gpu>_tp1_<model>.json and a PNG next to it)
 
-Measuring (GPU + SGLang): F_eff from a bf16 GEMM benchmark of the model's linear shapes (FLOPs / time over
-F_TOKENS tokens), then scripts/bench_step.py's Bench over the planned (S, B) points, plain SGLang first (it
-feeds stage 1 and every measured speedup), then the SD engine with gamma pinned per point (rpc set_gamma);
-records are rewritten after every point and the sweep stops at --budget-s. --random-weights: load_format dummy.
+Measuring (GPU + SGLang): scripts/bench_step.py's run over the planned (S, B) points, each part in a process of
+its own: F_eff from a bf16 GEMM benchmark of the model's linear shapes (FLOPs / time over F_TOKENS tokens) and
+plain SGLang first (it feeds stage 1 and every measured speedup), then the SD engine with gamma pinned per point
+(rpc set_gamma); records are rewritten after every point and the sweep stops at --budget-s. An SD engine that
+crashes keeps the AR records. --random-weights: load_format dummy.
 
 Split, fit and validation (held-out points, metrics, targets): er_sglang/calibrate_fit.py.
 Bad input: one `error:` line naming the flag or file, exit 2, nothing written.
@@ -18,6 +19,7 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +46,18 @@ DEFAULT_GAMMAS = (0, 1, 2, 3, 4, 5, 7)  # gamma = 0 times the worker's plain ste
 F_TOKENS = (256, 512, 1024, 2048)
 MODEL_CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "attention_bias")
+
+
+def gpu_name() -> str:
+    """The GPU's name from nvidia-smi: this process must not hold a CUDA context while the measuring children
+    size their KV caches from the free memory (torch's name as a fallback)."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                         capture_output=True, text=True, check=False).stdout.strip() if shutil.which("nvidia-smi") else ""
+    if out:
+        return out.splitlines()[0]
+    import torch
+
+    return torch.cuda.get_device_name(0)
 
 
 def gpu_slug(device: str) -> str:
@@ -128,69 +142,31 @@ def _seconds_per_call(fn, arg, device: str, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
-class Progress:
-    """Points done of `total`: a tqdm bar when tqdm is installed, else one line per change on stderr."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n, self.bar = total, desc, 0, None
-        try:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="point")
-        except ImportError:
-            pass
-
-    def set(self, n: int, what: str = "") -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(what, refresh=False)
-            self.bar.update(n - self.n)
-        elif n != self.n:
-            print(f"{self.desc}: {n}/{self.total} {what}", file=sys.stderr, flush=True)
-        self.n = n
-
-
 def measure(args, hf_config: dict, records_out: Path, name: str) -> None:
-    """F_eff, then bench_step's Bench: AR at every planned point (at most 35% of the budget), then SD at
-    every gamma per point until the budget; records -> records_out (rewritten after every point)."""
+    """scripts/bench_step.py's run over the planned grid, its parts in processes of their own (an SD engine that
+    crashes keeps the AR records; one that cannot start retries with B <= 16): F_eff and AR at every point within
+    35% of the budget, then SD at every gamma per point until the budget; records -> records_out (rewritten
+    after every point). A failed part leaves what it recorded, and the fit says if that is too little."""
     import importlib.metadata
 
-    import torch
-
     sys.path.insert(0, str(ROOT))  # scripts/ is not installed; bench_step lives there
-    from scripts.bench_step import Bench
+    from scripts import bench_step
 
-    t0 = time.time()
-    f_eff = measure_f_eff(hf_config)
-    torch.cuda.empty_cache()
     points = plan_grid(args.seqs, args.batches)
-    progress = Progress(2 * len(points), "er-calibrate (AR then SD points)")
-
-    class CalibrationBench(Bench):
-        def points(self):
-            return points
-
-        def save(self):
-            super().save()
-            done = {(r["mode"], r["seq"], r["batch"]) for r in self.out["records"]}
-            progress.set(len(done), f"{time.time() - t0:.0f}/{args.budget_s:.0f} s")
-
-    ns = argparse.Namespace(model=args.model, json=str(records_out), seqs=list(args.seqs), batches=list(args.batches),
-                            gammas=list(args.gammas), backend=args.backend, limit_s=0.0,
-                            load_format="dummy" if args.random_weights else "auto")
-    bench = CalibrationBench(ns)
-    bench.out["device"] = torch.cuda.get_device_name(0)
-    bench.out["meta"].update({"f_eff": f_eff, "model_config": {k: hf_config[k] for k in MODEL_CONFIG_KEYS
-                                                               if k in hf_config},
-                              "model_name": name, "sglang": importlib.metadata.version("sglang"),
-                              "plan": points, **provenance()})
-    before_bench_s = bench.t0 - t0  # Bench.left() counts from its own start
-    ns.limit_s = 0.35 * args.budget_s - before_bench_s
-    bench.run_ar()
-    ns.limit_s = args.budget_s - 15.0 - before_bench_s  # 15 s left for the fit and the files
-    bench.run_sd()
-    bench.save()
-    if progress.bar is not None:
-        progress.bar.close()
+    argv = ["run", "--model", str(args.model), "--json", str(records_out), "--backend", args.backend,
+            "--seqs", ",".join(map(str, args.seqs)), "--batches", ",".join(map(str, args.batches)),
+            "--gammas", ",".join(map(str, args.gammas)), "--points", ",".join(f"{s}:{b}" for s, b in points),
+            "--limit-s", f"{args.budget_s - 15.0:.0f}", "--ar-budget-s", f"{0.35 * args.budget_s:.0f}",
+            "--load-format", "dummy" if args.random_weights else "auto"]  # 15 s left for the fit and the files
+    try:
+        bench_step.main(argv)
+    except SystemExit as exc:
+        print(f"er-calibrate: {exc}", file=sys.stderr, flush=True)
+    if not records_out.is_file():
+        raise CalibrationError(f"measuring wrote no records ({records_out}); its log above says why")
+    doc = json.loads(records_out.read_text())
+    doc["meta"].update({"model_name": name, "sglang": importlib.metadata.version("sglang"), "plan": points})
+    records_out.write_text(json.dumps(doc, indent=1))
 
 
 def _outputs(args, gpu: str, name: str) -> tuple[Path, Path]:
@@ -235,9 +211,7 @@ def run(args, command: str) -> dict:
         records_path, where, prov = Path(args.from_json), f"--from-json {args.from_json}", provenance(args.from_json)
     else:
         cfg = _preflight_measure(args)
-        import torch
-
-        name, device = args.name or model_slug(args.model), torch.cuda.get_device_name(0)
+        name, device = args.name or model_slug(args.model), gpu_name()
         out, png = _outputs(args, args.gpu or gpu_slug(device), name)
         records_path = Path(args.records_out or out.with_suffix(".records.json"))
         if records_path.exists() and not args.force:

@@ -74,8 +74,8 @@ class Bench:
         return self.args.limit_s - (time.time() - self.t0)
 
     def points(self) -> list[tuple[int, int]]:
-        """(seq, batch) points in measuring order; er_sglang.calibrate overrides it with its own grid."""
-        return plan(self.args.seqs, self.args.batches, self.args.gammas)
+        """(seq, batch) points in measuring order: --points (er_sglang.calibrate's grid), else plan()."""
+        return getattr(self.args, "points", None) or plan(self.args.seqs, self.args.batches, self.args.gammas)
 
     def save(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.args.json)), exist_ok=True)
@@ -291,7 +291,8 @@ def child_argv(args, part: str, budget_s: float, bs_max: int) -> list[str]:
             "--limit-s", f"{budget_s:.0f}", "--seqs", ",".join(map(str, args.seqs)),
             "--batches", ",".join(map(str, args.batches)), "--gammas", ",".join(map(str, args.gammas)),
             "--backend", args.backend, "--draft-kernel", args.draft_kernel, "--sd-bs-max", str(bs_max),
-            *(["--no-f-eff"] if args.no_f_eff else [])]
+            "--load-format", args.load_format, *(["--no-f-eff"] if args.no_f_eff else []),
+            *(["--points", ",".join(f"{s}:{b}" for s, b in args.points)] if args.points else [])]
 
 
 def _merge(out: dict, doc: dict) -> None:
@@ -326,6 +327,9 @@ def main(argv=None) -> None:
     r.add_argument("--ar-budget-s", type=float, default=150.0, help="AR runs first, within this; SD gets the rest")
     r.add_argument("--child", action="store_true", help="internal: run one part in this process")
     r.add_argument("--sd-bs-max", type=int, help="internal: graph states up to this B (default: max --batches)")
+    r.add_argument("--points", type=lambda x: [tuple(int(v) for v in p.split(":")) for p in x.split(",")],
+                   help="S:B,... points in measuring order (default: S=2048 at every B first, then the other S)")
+    r.add_argument("--load-format", default="dummy", choices=["dummy", "auto"], help="dummy: random weights")
     r.add_argument("--draft-kernel", default="marlin", choices=KERNELS, help="spec.draft_kernel of the SD engine")
     r.add_argument("--no-f-eff", action="store_true", help="skip the GEMM benchmark (meta.f_eff) that makes the "
                    "run's JSON an er-calibrate --from-json input")

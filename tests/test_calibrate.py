@@ -194,8 +194,9 @@ def test_calibrate_module_entry_point(tmp_path):
 
 
 def test_calibrate_measure_mode_end_to_end_with_a_fake_engine(tmp_path, monkeypatch, capsys):
-    """The GPU branch with Bench.run_ar / run_sd replaced by replaying synthetic records: planned points,
-    budget split (AR stops by 35 %, SD 15 s before the end), records meta, then fit and files as --from-json."""
+    """The GPU branch (bench_step's run, its parts as in-process children) with Bench.run_ar / run_sd replaced by
+    replaying synthetic records: planned points, budget split (AR within 35 %, SD until 15 s before the end),
+    records meta, then fit and files as --from-json."""
     import importlib.metadata
 
     torch = pytest.importorskip("torch")
@@ -212,13 +213,19 @@ def test_calibrate_measure_mode_end_to_end_with_a_fake_engine(tmp_path, monkeypa
                 self.save()
         return run
 
+    from tests.test_int4_kernels import in_process_child
+
     monkeypatch.setattr(bench_step.Bench, "run_ar", replay("ar"))
     monkeypatch.setattr(bench_step.Bench, "run_sd", replay("sd"))
+    monkeypatch.setattr(bench_step, "_child", in_process_child)  # the parts' processes, run here
     monkeypatch.setattr(cal, "_preflight_measure", lambda args: QWEN25_7B)
-    monkeypatch.setattr(cal, "measure_f_eff", lambda cfg: {"F": TRUTH.F, "by_tokens": {}, "dtype": "bfloat16"})
+    monkeypatch.setattr(cal, "gpu_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(cal, "measure_f_eff", lambda cfg, device="cuda": {"F": TRUTH.F, "by_tokens": {},
+                                                                           "dtype": "bfloat16"})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.5.17")
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B))  # what the AR part reads the shapes from
     out = tmp_path / "h200.json"
     assert cal.main(["--model", str(tmp_path), "--random-weights", "--out", str(out)]) == 0
     saved = json.loads(out.with_suffix(".records.json").read_text())
