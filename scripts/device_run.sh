@@ -35,6 +35,16 @@ fi
 # in .kitcache (docs/reproducibility.md gives the pip download command)
 ls .kitcache/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .kitcache/*.whl 2>&1 | tail -2 && el "extra wheels: $(ls .kitcache/*.whl | xargs -n1 basename)"
+# torch_memory_saver's preload hook (SGLang puts it on its schedulers' LD_PRELOAD) needs libcudart.so.13 on the
+# loader's path and has no RPATH: unresolved, the loader skips it (sleep frees nothing) or the scheduler fails
+preload_ok() { local o; o=$(LD_PRELOAD=$1 python3 -c 0 2>&1) && ! echo "$o" | grep -q "preloaded"; }
+tms=$(ls /tmp/site/torch_memory_saver_hook_mode_preload_cu13*.so 2>/dev/null | head -n 1)
+if [ -n "$tms" ] && ! preload_ok "$tms"; then
+    cudart=$(find /opt/torch/.venv /usr/local/cuda/ -name 'libcudart.so.13*' 2>/dev/null | head -n 1)
+    [ -n "$cudart" ] && export LD_LIBRARY_PATH=$(dirname "$cudart"):${LD_LIBRARY_PATH:-}
+    preload_ok "$tms" && ok=yes || ok=no
+    el "torch_memory_saver hook: libcudart.so.13 from ${cudart:-nowhere}; preload now works: $ok"
+fi
 if [ -d .kitcache ] && [ ! -f /tmp/.caches_restored ]; then
     tar xzf .kitcache/tvmffi-*.tgz -C /tmp && mkdir -p ~/.cache && tar xzf .kitcache/flashinfer-*.tgz -C ~/.cache \
         && touch /tmp/.caches_restored && el "JIT caches restored: $(ls /tmp/jitcache | wc -l) tvm-ffi modules"
@@ -45,10 +55,12 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 
     | python3 -c "import sys; from er_sglang.calibrate import gpu_slug; print(gpu_slug(sys.stdin.read()))" 2>/dev/null)
 GPU=${GPU:-gpu}
 
-pt() {  # pt NAME FILE [CAP_S]: one pytest process per file (an engine failure kills its process)
-    local lim; lim=$(left); [ -n "${3:-}" ] && [ "$3" -lt "$lim" ] && lim=$3
-    timeout "$lim" python3 -m pytest -p no:cacheprovider -q -s -m gpu -rA "$2" > "$OUT/pytest_$1.log" 2>&1
-    el "pytest $1 rc=$?"; grep -E "PASS|FAIL|ERROR|passed|failed|error|Error" "$OUT/pytest_$1.log" | tail -n 25 | cut -c1-400
+pt() {  # pt NAME FILE [CAP_S [PYTEST_ARGS...]]: one pytest process per call (an engine failure kills its process)
+    local name=$1 file=$2 cap=${3:-} lim rc; lim=$(left); [ -n "$cap" ] && [ "$cap" -lt "$lim" ] && lim=$cap
+    shift $(( $# < 3 ? $# : 3 ))
+    timeout "$lim" python3 -m pytest -p no:cacheprovider -q -s -m gpu -rA "$file" "$@" > "$OUT/pytest_$name.log" 2>&1
+    rc=$?; el "pytest $name rc=$rc"
+    grep -E "PASS|FAIL|ERROR|passed|failed|error|Error" "$OUT/pytest_$name.log" | tail -n 25 | cut -c1-400
 }
 bench() {  # bench BACKEND [KERNEL [SHARES]]: spec.draft_kernel=KERNEL (marlin), 1/SHARES of the time left
     local tag=$1; [ "${2:-marlin}" != marlin ] && tag=$1_$2
@@ -83,6 +95,9 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
         dhead)  pt dhead tests/gpu/test_draft_head.py "${DHEAD_CAP:-}" ;;  # spec.draft_vocab / draft_head (4 engines)
         engine) pt engine tests/gpu/test_sglang_engine.py "${ENGINE_CAP:-}" ;;
         modes)  pt modes tests/gpu/test_sglang_modes.py "${MODES_CAP:-}" ;;
+        sleep)  # memory-saving sleep/wake (torch_memory_saver from .kitcache) and per-request seeds, apart
+                pt sleep tests/gpu/test_sglang_sleep_seed.py "${SLEEP_CAP:-}" -k memory_saver
+                pt seeds tests/gpu/test_sglang_sleep_seed.py "${SEEDS_CAP:-}" -k seeds ;;
         bench)  # BENCH_KERNELS="marlin tinygemm gemlite": one run per draft kernel, the time left shared equally
                 n=$(echo ${BENCH_KERNELS:-marlin} | wc -w)
                 for k in ${BENCH_KERNELS:-marlin}; do bench "${BACKEND:-flashinfer}" "$k" "$n"; n=$(( n - 1 )); done ;;
