@@ -28,6 +28,7 @@ from er_sglang.int4_linear import (
     RtnInt4Linear,
     TorchaoInt4Linear,
     choose_group_size,
+    resolve_kernel,
     torchao_fits,
 )
 
@@ -168,7 +169,7 @@ def _resolve_backend(backend: str, linears: list[tuple[str, nn.Linear]], group_s
         raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
     if kernel not in KERNELS:
         raise ValueError(f"spec.draft_kernel: expected one of {KERNELS}, got {kernel!r}")
-    if kernel in INT_ZERO_KERNELS:  # Marlin's integer-zero grid: plain PyTorch only on CPU
+    if resolve_kernel(kernel, "reference") in INT_ZERO_KERNELS:  # Marlin's integer-zero grid: plain PyTorch on CPU
         if backend == "torchao":
             raise ValueError(f"backend='torchao' has no CPU kernel for spec.draft_kernel={kernel!r}'s integer-zero "
                              "grid; use spec.drafter_backend='rtn' or 'auto'")

@@ -14,7 +14,7 @@ Qwen2.5-0.5B's groups and cost 0.02 of paired acceptance there, docs/benchmarks.
 `IntZeroInt4Linear` (backend "rtn_int_zero": plain
 PyTorch, torchao has no CPU kernel for it) with w_hat = marlin_int4.dequantize_rtn(marlin_int4.quantize_rtn(w)) bit
 for bit. Same scheme, same draft on both engines. A spec.draft_head=int4 head follows it (quantize_head). On
-engine=sglang "auto" is marlin (SGLangEngine.from_config).
+engine=sglang "auto" is marlin (resolve_kernel, AUTO_KERNEL).
 
 Group size: a linear whose in_features is not a multiple of `group_size` uses the largest of
 (group_size, 128, 64, 32) (those below group_size) that divides it, recorded per layer in

@@ -168,11 +168,9 @@ def _served_bs(engine) -> dict | None:
 
 def _device_name(cfg) -> str:
     if cfg.engine == "sglang":  # nvidia-smi, not torch: this driver must not open a CUDA context of its own
-        import subprocess
+        from er_sglang.calibrate import gpu_name
 
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
-                             capture_output=True, text=True, check=False).stdout.strip()
-        return out.splitlines()[0] if out else "cuda"
+        return gpu_name()
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()})"

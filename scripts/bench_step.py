@@ -78,9 +78,7 @@ class Bench:
         return getattr(self.args, "points", None) or plan(self.args.seqs, self.args.batches, self.args.gammas)
 
     def save(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.args.json)), exist_ok=True)
-        with open(self.args.json, "w") as f:
-            json.dump(self.out, f, indent=1)
+        _save(self.out, self.args.json)
 
     def sglang_args(self) -> dict:
         return {"load_format": getattr(self.args, "load_format", "dummy"), "max_running_requests": max(self.args.batches),
@@ -189,7 +187,7 @@ class Bench:
             eng.shutdown()
 
 
-def calibration_meta(model_dir: str, f_eff: bool = True, device: str = "cuda") -> dict:
+def calibration_meta(model_dir: str, f_eff: bool = True) -> dict:
     """What er-calibrate --from-json needs besides the records: the model's shapes, the GEMM throughput F_eff
     of this GPU (er_sglang.calibrate.measure_f_eff, a few seconds; before any engine holds the memory) and the
     commit measured. With it, a `run` is a complete calibration record set for its model."""
@@ -199,7 +197,7 @@ def calibration_meta(model_dir: str, f_eff: bool = True, device: str = "cuda") -
         cfg = json.load(f)
     meta = {"model_config": {k: cfg[k] for k in MODEL_CONFIG_KEYS if k in cfg}, **provenance()}
     if f_eff:
-        meta["f_eff"] = measure_f_eff(cfg, device=device)
+        meta["f_eff"] = measure_f_eff(cfg)
     return meta
 
 

@@ -51,8 +51,7 @@ if [ -d .kitcache ] && [ ! -f /tmp/.caches_restored ]; then
 fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 # result files are named for the GPU that produced them (a call may get an H100 or an H200)
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 \
-    | python3 -c "import sys; from er_sglang.calibrate import gpu_slug; print(gpu_slug(sys.stdin.read()))" 2>/dev/null)
+GPU=$(python3 -c "from er_sglang.calibrate import gpu_name, gpu_slug; print(gpu_slug(gpu_name()))" 2>/dev/null)
 GPU=${GPU:-gpu}
 
 pt() {  # pt NAME FILE [CAP_S [PYTEST_ARGS...]]: one pytest process per call (an engine failure kills its process)
