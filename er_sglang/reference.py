@@ -94,6 +94,7 @@ class ReferenceEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         # one generator per call: the same seeds and the same batch give the same rollouts, bit for bit
         # (docs/reproducibility.md); another split of the batch across engines samples differently
+        t0 = time.perf_counter()  # Rollout.latency_s counts from here
         self._require_awake("generate")
         seed = call_seed(params, fallback=self._calls)
         self._calls += 1
@@ -103,9 +104,11 @@ class ReferenceEngine:
         rollouts = [Rollout(i, list(p), [], [], "") for i, p in enumerate(prompts)]
         self._refresh_draft_vocab(prompts)
         batch = self._prefill(rollouts, params, gen, stops)
+        _stamp_finished(rollouts, range(len(rollouts)), t0)
         bar = _progress_bar(len(prompts)) if self.progress else None
         while batch.rows:
             self._decode_step(batch, rollouts, params, gen, stops)
+            _stamp_finished(rollouts, batch.rows, t0)
             keep = [i for i, r in enumerate(batch.rows) if not rollouts[r].finish_reason]
             if bar is not None:
                 bar.update(len(batch.rows) - len(keep))
@@ -327,6 +330,14 @@ def _emit(rollout: Rollout, tokens: list[int], logprobs: list[float], max_new: i
         if len(rollout.output_ids) >= max_new:
             rollout.finish_reason = "length"
             return
+
+
+def _stamp_finished(rollouts: list[Rollout], rows, t0: float) -> None:
+    """latency_s = seconds since t0 of the `rows` that finished in the step just run (first stamp kept)."""
+    now = time.perf_counter() - t0
+    for r in rows:
+        if rollouts[r].finish_reason and rollouts[r].latency_s is None:
+            rollouts[r].latency_s = now
 
 
 def _check_shapes(current: dict, shapes: dict) -> None:

@@ -160,6 +160,9 @@ class FSDPTrainer:
         if n_max != -neg_n_min:
             raise ValueError(f"every rank must get the same number of sequences (got {-neg_n_min}..{n_max})")
         batch = {k: v for k, v in batch.items()}
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:  # mem/train_*: this step's own peak (the engines sleep meanwhile when colocated)
+            torch.cuda.reset_peak_memory_stats(self.device)
         mini = self.mini_batch_size or n
         # on-policy: old log-probs are the current policy's. With one update over the whole batch they equal
         # the update's own forward (detached), so the extra forward is skipped; otherwise recompute first.
@@ -182,8 +185,10 @@ class FSDPTrainer:
         out["train/num_tokens"] = totals["train/num_tokens"] / self.ppo_epochs
         out["train/skipped_updates"] = totals["train/skipped_updates"]  # a count, not a mean
         out["train/lr"] = self.optimizer.param_groups[0]["lr"]
-        if torch.cuda.is_available():  # colocated: the engine's wake() re-maps its memory next; return the cache
-            torch.cuda.empty_cache()
+        if on_gpu:
+            out["mem/train_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            out["mem/train_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+            torch.cuda.empty_cache()  # colocated: the engine's wake() re-maps its memory next; return the cache
         return out
 
     def _update(self, mini: dict[str, Tensor]) -> dict[str, float]:

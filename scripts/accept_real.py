@@ -17,6 +17,10 @@ models.convert_gguf (the path er_sglang.models takes for an alias) and unpacks t
 
 --draft-kernel picks the int4 grid (the GPU's Marlin: integer zero points; the CPU's default: float zero
 points); compare acceptance between runs on the same grid (`draft_grid` in the JSON).
+--draft-vocab K and --draft-head {shared,int8,int4} pick the draft head (spec.draft_vocab / spec.draft_head);
+token counts rank the K-subset on the GPU (its only kind) and, by default, on the CPU (--draft-vocab-counts soft
+is the CPU-only alternative). `variant` in the JSON names kernel, K and head (marlin+vocab=32768+head=int4):
+compare the two engines on the same variant.
 Both engines run spec mode rtn (gamma fixed on every step, chain rejection sampling), top_p 1 and stop on
 the prompt file's stop tokens. accept_rate = accepted / drafted draft tokens; mean_accept_len = tokens
 emitted per sequence per verify step, bonus token included (= 1 + gamma * accept_rate).
@@ -36,8 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from er_sglang.int4_linear import KERNELS, draft_grid  # torch only: the device image has no omegaconf
+from er_sglang.int4_linear import KERNELS, draft_grid, resolve_kernel  # torch only: no omegaconf there
 
+DRAFT_HEADS = ("shared", "int8", "int4")  # config.DRAFT_HEADS (config.py imports omegaconf)
 TEMPLATE = "chatml"  # question + \boxed{} instruction as the user turn, through the model's chat template
 BLOCK = 1 << 24
 
@@ -111,6 +116,33 @@ def summarize(data: dict, rollouts, stats, wall_s: float, **meta) -> dict:
             "per_prompt": per_prompt, "cmd": " ".join(["python"] + sys.argv)}
 
 
+def variant(kernel: str, engine: str, draft_vocab: int, draft_head: str, counts: str = "tokens") -> str:
+    """The draft a run measured, e.g. "marlin+vocab=32768+head=int4" ("vocab=full": every row; "+counts=soft"
+    only where a subset is ranked by soft counts, which the GPU lacks); "auto" resolved per engine."""
+    name = f"{resolve_kernel(kernel, engine)}+vocab={draft_vocab or 'full'}+head={draft_head}"
+    return name + (f"+counts={counts}" if draft_vocab and counts != "tokens" else "")
+
+
+def _draft_meta(args, engine: str, counts: str) -> dict:
+    """The draft-head fields both engines record."""
+    return {"draft_vocab": args.draft_vocab, "draft_head": args.draft_head, "draft_vocab_counts": counts,
+            "variant": variant(args.draft_kernel, engine, args.draft_vocab, args.draft_head, counts)}
+
+
+def gpu_spec(args, data: dict, bs_max: int) -> dict:
+    """The SGLang worker's spec: rtn with gamma the only candidate (graph states for B <= bs_max; set_gamma pins
+    it besides); a draft-vocab subset always drafts the stop and special tokens, as SGLangEngine.from_config and
+    the reference engine do."""
+    spec = {"mode": "rtn", "gamma": args.gamma, "gamma_ladder": [args.gamma], "bs_max": bs_max,
+            "draft_kernel": args.draft_kernel, "draft_vocab": args.draft_vocab, "draft_head": args.draft_head}
+    if args.draft_vocab:
+        from er_sglang.models import load_tokenizer
+
+        special = load_tokenizer(args.model).all_special_ids
+        spec["draft_vocab_always"] = sorted(set(data["stop_token_ids"]) | set(special))
+    return spec
+
+
 def _params(args, data: dict):
     from er_sglang.engine import SamplingParams
 
@@ -131,7 +163,9 @@ def cmd_cpu(args) -> None:
 
     data = read_prompts(args.prompts, args.model)
     cfg = RolloutJob(model=ModelConfig(path=args.model, dtype=args.dtype),
-                     spec=SpecConfig(mode="rtn", gamma=args.gamma, group_size=128, draft_kernel=args.draft_kernel))
+                     spec=SpecConfig(mode="rtn", gamma=args.gamma, group_size=128, draft_kernel=args.draft_kernel,
+                                     draft_vocab=args.draft_vocab, draft_head=args.draft_head,
+                                     draft_vocab_counts=args.draft_vocab_counts))
     engine = ReferenceEngine.from_config(cfg, progress=sys.stderr.isatty())
     load0 = os.getloadavg()[0]  # wall_s means little when other jobs share the cores
     t0 = time.perf_counter()
@@ -140,6 +174,7 @@ def cmd_cpu(args) -> None:
     rec = summarize(data, rollouts, engine.stats(), wall_s, device="cpu", engine="reference",
                     model=args.model, dtype=args.dtype, drafter=f"int4 rtn g128 ({engine.drafter.backend})",
                     draft_kernel=args.draft_kernel, draft_grid=draft_grid(args.draft_kernel, "reference"),
+                    **_draft_meta(args, "reference", args.draft_vocab_counts),
                     gamma=args.gamma, temperature=args.temperature, top_p=1.0,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, threads=torch.get_num_threads(),
                     load_avg_1m=[round(load0, 2), round(os.getloadavg()[0], 2)])
@@ -154,9 +189,7 @@ def cmd_gpu(args) -> None:
 
     data = read_prompts(args.prompts, args.model)
     bs_max = max(32, len(data["prompts"]))
-    # rtn: gamma is the only candidate (graph states for B <= bs_max); set_gamma pins it besides
-    spec = {"mode": "rtn", "gamma": args.gamma, "gamma_ladder": [args.gamma], "bs_max": bs_max,
-            "draft_kernel": args.draft_kernel}
+    spec = gpu_spec(args, data, bs_max)
     sglang_args = {"attention_backend": args.backend, "mem_fraction_static": 0.5, "random_seed": args.seed,
                    "max_running_requests": bs_max, "cuda_graph_max_bs_decode": bs_max,
                    "disable_prefill_cuda_graph": True, "log_level": "warning"}
@@ -175,7 +208,7 @@ def cmd_gpu(args) -> None:
     rec = summarize(data, rollouts, stats, wall_s, device=torch.cuda.get_device_name(0), engine="sglang",
                     backend=args.backend, model=args.model, dtype="bfloat16",
                     drafter=f"int4 rtn g128 ({args.draft_kernel})", draft_kernel=args.draft_kernel,
-                    draft_grid=draft_grid(args.draft_kernel, "sglang"),
+                    draft_grid=draft_grid(args.draft_kernel, "sglang"), **_draft_meta(args, "sglang", "tokens"),
                     gamma=args.gamma, temperature=args.temperature, top_p=1.0,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, threads=torch.get_num_threads(),
                     startup_s=round(startup_s, 1), sglang_args=sglang_args)
@@ -346,10 +379,17 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--max-new-tokens", type=int, default=128)
         r.add_argument("--seed", type=int, default=0)
         r.add_argument("--json", required=True)
+        r.add_argument("--draft-vocab", type=int, default=0, metavar="K",
+                       help="spec.draft_vocab: the draft scores the K most frequent token ids (0: all)")
+        r.add_argument("--draft-head", default="shared", choices=DRAFT_HEADS,
+                       help="spec.draft_head: the draft head's rows, the target's (shared) or int8 / int4 copies")
     sub.choices["cpu"].add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     sub.choices["cpu"].add_argument("--draft-kernel", default="auto", choices=list(KERNELS),
                                     help="the int4 grid: auto/tinygemm float zero points (torchao's CPU kernel), "
                                          "marlin/gemlite the GPU's integer zero points (plain PyTorch here)")
+    sub.choices["cpu"].add_argument("--draft-vocab-counts", default="tokens", choices=["tokens", "soft"],
+                                    help="what ranks the --draft-vocab subset: token counts (the GPU's only kind, "
+                                         "so the default here) or the target's soft probabilities")
     sub.choices["gpu"].add_argument("--draft-kernel", default="marlin", choices=[k for k in KERNELS if k != "auto"])
     sub.choices["gpu"].add_argument("--backend", default="triton", choices=["triton", "flashinfer", "fa3"],
                                     help="triton: head_dim 64 is not in the prebuilt flashinfer JIT cache")

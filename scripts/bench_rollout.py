@@ -4,13 +4,15 @@
     python scripts/bench_rollout.py replay CONFIG.yaml [key=value ...] --from REAL.json --json OUT.json
     python scripts/bench_rollout.py merge --json ALL.json A.json B.json ...  # e.g. one device call per mode
     python scripts/bench_rollout.py plot --json OUT.json --png OUT.png [--part replay_7b]
-    python scripts/bench_rollout.py table --json OUT.json
+    python scripts/bench_rollout.py table --json OUT.json   # plot and table: scripts/bench_rollout_report.py
 
 `real`: CONFIG is an er-rollout / er-train experiment file (model, data, template, G, sampling, engine); every
 mode in --modes gets its own engine and --rollouts consecutive rollouts of the same prompts with the same
 seeds (rollout r uses seed + r), so the acceptance priors and the ladder evolve between rollouts as in RL.
 Each run records wall time, tokens, acceptance, the gamma histogram, per-gamma accept histograms, response
-lengths and (ER_TRACE_STEPS) the per-step active batch.
+lengths, an `active_curve` for every mode (CURVE_DOC: one estimator for all, plain SGLang included) and,
+where the engine keeps one (ER_TRACE_STEPS; not plain SGLang), the per-step `trace` of the active batch.
+The prompts are a seeded sample of the data file (`pick_examples`), the same for every mode and rollout.
 
 `replay`: the same modes on another model (e.g. Qwen2.5-7B shapes, random weights: model.path=/tmp/q7
 sglang.load_format=dummy), replaying REAL's response lengths (ignore_eos, per-request max_new_tokens) and its
@@ -33,6 +35,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 MODES = ["no-sd", "rtn", "toggle", "adaptive", "argmax"]
 TRACE_POINTS = 2000
+CURVE_POINTS = 300
+CURVE_DOC = ("active_curve: [t_s from the generate call's submission, requests still running, tokens/s estimated "
+             "as the sum over those of len_j / latency_s_j], at t = 0 and after finish events; a step function")
 
 
 def load_job(config: str, overrides: list[str], mode: str):
@@ -44,13 +49,38 @@ def load_job(config: str, overrides: list[str], mode: str):
 
 
 def thin(trace: list | None, points: int = TRACE_POINTS) -> list | None:
-    """Every k-th step of a long trace (the first and last kept): [t_s (from 0), active, gamma, emitted]."""
+    """Every k-th step of a long step trace (the first and last kept): [t_s (from the first step), active, gamma,
+    tokens emitted since the previous kept point, this step's included], so that emitted / (t - previous t) is
+    the token rate over the window between two kept points."""
     if not trace:
         return trace
     t0 = trace[0][0]
     k = max(1, len(trace) // points)
-    keep = trace[::k] + ([trace[-1]] if (len(trace) - 1) % k else [])
-    return [[round(t - t0, 4), b, g, e] for t, b, g, e in keep]
+    idx = list(range(0, len(trace), k)) + ([len(trace) - 1] if (len(trace) - 1) % k else [])
+    prev = [-1] + idx[:-1]
+    return [[round(trace[i][0] - t0, 4), trace[i][1], trace[i][2], sum(s[3] for s in trace[p + 1: i + 1])]
+            for p, i in zip(prev, idx)]
+
+
+def active_curve(lengths: list[int], latencies: list, points: int = CURVE_POINTS) -> list | None:
+    """[t_s, active, tokens_per_s] of one rollout from each request's finish time alone (CURVE_DOC), so every
+    mode gets the same estimator (plain SGLang keeps no step trace). All requests are submitted at t = 0, so
+    active(t) = #{j: latency_s_j > t} exactly; request j is taken to emit its len_j tokens uniformly over
+    [0, latency_s_j], so tokens_per_s(t) = sum over active j of len_j / latency_s_j. One point at t = 0 and
+    one after each distinct finish time (the value holds until the next point); past `points`, every k-th
+    event and the last (about `points` kept), each still exact at its own t. None without latencies."""
+    if not latencies or any(lat is None for lat in latencies):
+        return None
+    pairs = sorted((float(lat), n) for n, lat in zip(lengths, latencies) if lat > 0)  # lat <= 0: never active
+    rate_from = [0.0] * (len(pairs) + 1)  # rate_from[i]: the rate of pairs[i:]
+    for i in range(len(pairs) - 1, -1, -1):
+        rate_from[i] = rate_from[i + 1] + pairs[i][1] / pairs[i][0]
+    curve = [[0.0, len(pairs), round(rate_from[0], 1)]]
+    for i, (lat, _) in enumerate(pairs):
+        if i + 1 == len(pairs) or pairs[i + 1][0] > lat:  # the last request finishing at t = lat
+            curve.append([round(lat, 4), len(pairs) - i - 1, round(rate_from[i + 1], 1)])
+    k = -(-(len(curve) - 1) // max(points - 1, 1))  # ceil: about `points` kept
+    return curve if k <= 1 else curve[::k] + ([curve[-1]] if (len(curve) - 1) % k else [])
 
 
 def predict_wall(lengths: list[int], prompt_len: float, policy, roofline, accept, seed: int = 0,
@@ -97,8 +127,8 @@ def _policy_and_roofline(cfg):
 class Runner:
     def __init__(self, args, part: str):
         self.args, self.part = args, part
-        self.out = {"part": part, "device": None, "meta": {"cmd": " ".join(sys.argv), "date": time.strftime("%F")},
-                    "runs": []}
+        self.out = {"part": part, "device": None, "meta": {"cmd": " ".join(sys.argv), "date": time.strftime("%F"),
+                                                           "active_curve": CURVE_DOC}, "runs": []}
 
     def save(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.args.json)), exist_ok=True)
@@ -140,7 +170,8 @@ class Runner:
                        "gamma_hist": {str(k): v for k, v in sorted(st.gamma_hist.items())},
                        "accept_hist_by_gamma": {str(g): {str(k): n for k, n in sorted(c.items())}
                                                 for g, c in sorted(st.accept_hist_by_gamma.items())},
-                       "num_decode_steps": st.num_steps, "lengths": lengths, "trace": thin(st.trace)}
+                       "num_decode_steps": st.num_steps, "lengths": lengths, "trace": thin(st.trace),
+                       "active_curve": active_curve(lengths, [getattr(x, "latency_s", None) for x in rollouts])}
                 if self.part != "real":
                     run["replay"] = True
                 policy, roof = _policy_and_roofline(cfg)
@@ -153,7 +184,7 @@ class Runner:
                 run.update(predict_wall(lengths, prompt_len, policy, roof, accept, seed=r, served_bs=served))
                 self.out["runs"].append(run)
                 self.save()
-                print(json.dumps({k: v for k, v in run.items() if k not in ("lengths", "trace")}), flush=True)
+                print(json.dumps({k: v for k, v in run.items() if k not in ("lengths", "trace", "active_curve")}), flush=True)
         finally:
             if hasattr(engine, "shutdown"):
                 engine.shutdown()
@@ -186,7 +217,17 @@ def _generate_lengths(engine, prompts, params, max_new: list[int]):
             "ignore_eos": True, "sampling_seed": int(params.seed) + i} for i, n in enumerate(max_new)]
     # log-probs as SGLangEngine.generate asks for them (RL needs them): the replay times the same work
     outs = engine.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=sps, return_logprob=True)
-    return [SimpleNamespace(output_ids=o["output_ids"]) for o in outs]
+    return [SimpleNamespace(output_ids=o["output_ids"], latency_s=o["meta_info"].get("e2e_latency")) for o in outs]
+
+
+def pick_examples(examples: list, num: int, seed: int) -> list:
+    """The `num` prompts er-train's first step draws with data.seed: the first batch of PromptIterator, a seeded
+    permutation (random.Random(seed * 1_000_003).shuffle; past the end, the next epoch's). Data files are
+    sorted (MATH's first 64 rows are all Algebra), so the first rows would be one subject; one seed gives every
+    mode and rollout the same prompts."""
+    from er_sglang.data import PromptIterator
+
+    return PromptIterator(list(examples), num, seed=seed).next_batch()
 
 
 def encode(cfg) -> list[list[int]]:
@@ -194,7 +235,8 @@ def encode(cfg) -> list[list[int]]:
     from er_sglang.models import load_tokenizer, resolve_model_path
     from er_sglang.rollout import encode_prompts
 
-    examples = load_dataset(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed)[: cfg.data.prompts_per_step]
+    examples = pick_examples(load_dataset(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed),
+                             cfg.data.prompts_per_step, cfg.data.seed)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
     return encode_prompts(examples, cfg.data.template, tokenizer, cfg.data.samples_per_prompt)
 
@@ -267,48 +309,6 @@ def cmd_merge(args) -> None:
     print(f"merged {len(merged['runs'])} runs ({merged['part']}) from {len(docs)} files into {args.json}")
 
 
-def cmd_table(args) -> None:
-    with open(args.json) as f:
-        data = json.load(f)
-    base = {(r["part"], r["rollout"]): r["wall_s"] for r in data["runs"] if r["mode"] == "no-sd"}
-    print("| part | mode | rollout | wall s | vs no-sd | predicted s | tokens | tok/s | accept rate | mean accept len "
-          "| SD-on frac | gamma hist |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in data["runs"]:
-        b = base.get((r["part"], r["rollout"]))
-        ratio = f"{b / r['wall_s']:.3f}x" if b and r["wall_s"] else ""
-        print(f"| {r['part']} | {r['mode']} | {r['rollout']} | {r['wall_s']:.2f} | {ratio} | "
-              f"{r.get('predicted_wall_s', '')} | {r['num_tokens']} | {r['tokens_per_s']} | {r['accept_rate']} | "
-              f"{r['mean_accept_len']} | {r['spec_on_frac']} | {r['gamma_hist']} |")
-
-
-def cmd_plot(args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(args.json) as f:
-        data = json.load(f)
-    part = args.part or data["runs"][0]["part"]
-    runs = [r for r in data["runs"] if r["part"] == part]
-    runs = [r for r in runs if r["rollout"] == max(x["rollout"] for x in runs)]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in runs:
-        tr = r.get("trace") or []
-        if tr:
-            t = [p[0] for p in tr]
-            ax1.plot(t, [p[1] for p in tr], label=r["mode"])
-            ax2.plot(t, [p[3] / max(t[i] - t[i - 1], 1e-9) if i else 0 for i, p in enumerate(tr)],
-                     label=r["mode"], alpha=0.7)
-    ax1.set(xlabel="s", ylabel="active sequences", title="active batch")
-    ax2.set(xlabel="s", ylabel="tokens/s (between trace points)", title="throughput", yscale="log")
-    ax1.legend(fontsize=7)
-    fig.suptitle(f"{part} on {data['device']}, rollout {runs[0]['rollout'] if runs else '-'}")
-    fig.tight_layout()
-    fig.savefig(args.png, dpi=110)
-
-
 def main(argv=None) -> int:
     from er_sglang.config import BAD_INPUT, report_bad_input
 
@@ -335,6 +335,8 @@ def main(argv=None) -> int:
     q.add_argument("--json", required=True, help="the merged output")
     q.add_argument("inputs", nargs="+")
     args = p.parse_args(argv)
+    from scripts.bench_rollout_report import cmd_plot, cmd_table  # reading a JSON only
+
     try:
         {"real": cmd_real, "replay": cmd_replay, "plot": cmd_plot, "table": cmd_table,
          "merge": cmd_merge}[args.cmd](args)

@@ -13,15 +13,20 @@ target verify ("verify") and, at gamma = 0, the plain decode step ("decode"). On
 batch B count. AR: plain SGLang (no speculation) in a second engine of the same run.
 Each part runs in its own process, AR first (within --ar-budget-s), then SD with the time left: SGLang kills
 the process owning an engine whose scheduler fails, and the other part's records must survive that. An SD part
-that dies before its first record is retried once with graph states up to B = 16 (meta.sd_start_error); a failed
-part is recorded in meta.<part>_error and the run exits non-zero.
+that dies before its first record is retried once with graph states up to B = 16 (meta.sd_start_error; later
+variants then start with them); a failed part is recorded in meta.<part>_error and the run exits non-zero.
 meta also records the model's shapes and F_eff (GEMM benchmark), so `er-calibrate --from-json OUT.json` fits
 this GPU's roofline from a run with no further measuring.
 ms_per_step_wall = (T(N+1 tokens) - T(1 token)) / steps, wall clock with the prompt cached, for both; the
 gamma = 0 vs AR comparison uses it. Points run in priority order (S=2048 first) until --limit-s; the JSON
-is rewritten after every point. --draft-kernel (spec.draft_kernel: marlin, tinygemm, gemlite) picks the int4
-kernel of the draft linears; every record names it in `variant` (AR records: "ar", no drafter), and `table`
-takes several runs' JSON files, one row per variant (r against the AR of whichever file has it).
+is rewritten after every point, and each point's output line starts with `[k/N points, t/T s]` (this part's grid,
+its budget).
+Variants (issue 9, r = T_draft_step / T_AR per variant): `--variants 'marlin,gemlite,marlin+vocab=32768+head=int4'`
+measures AR once, then one SD child per variant (spec.draft_kernel, + spec.draft_vocab = K, + spec.draft_head),
+each within an equal share of the time left; `--draft-kernel K` is the one-variant case. Every SD record names its
+variant in `variant` (AR records: "ar"); meta.sd, meta.sd_start_error and meta.sd_error are keyed by variant, and a
+failed variant leaves the others running. `table` takes several runs' JSON files (r against the AR of whichever
+file has it) and, with --accept, the predicted and measured per-step gain (scripts/bench_step_report.py).
 """
 from __future__ import annotations
 
@@ -34,11 +39,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from scripts.bench_step_variant import KERNELS, Variant, draft_vocab_always, parse_variant, parse_variants
+
 ROOFLINE = os.path.join(ROOT, "configs", "roofline", "a100_tp1_qwen2.5-7b.json")
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
 GAMMAS = [0, 1, 2, 3, 5, 7]
 SD_FALLBACK_BS = 16  # graph states up to this B if the SD engine cannot start with all of them
-KERNELS = ("marlin", "tinygemm", "gemlite")  # spec.draft_kernel (er_sglang/sglang/int4_kernels.KERNELS)
 
 
 def cmd_make(args) -> None:
@@ -66,12 +72,19 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.t0 = time.time()
-        self.variant = getattr(args, "draft_kernel", "marlin")  # spec.draft_kernel of the SD engine
+        # `run --child` gets one variant; `profile` only a kernel, which is also a variant's name
+        variants = getattr(args, "variants", None) or [parse_variant(getattr(args, "draft_kernel", None) or "marlin")]
+        self.sd_variant = variants[0]
+        self.variant = self.sd_variant.name
         self.out = {"device": None, "backend": args.backend, "variant": self.variant, "records": [],
                     "meta": {"cmd": " ".join(sys.argv), "max_total_num_tokens": {}}}
 
     def left(self) -> float:
         return self.args.limit_s - (time.time() - self.t0)
+
+    def progress(self, k: int, n: int) -> str:
+        """'[k/N points, t/T s]': the point measured now of this part's N, seconds spent of its budget T."""
+        return f"[{k}/{n} points, {time.time() - self.t0:.0f}/{self.args.limit_s:.0f} s]"
 
     def points(self) -> list[tuple[int, int]]:
         """(seq, batch) points in measuring order: --points (er_sglang.calibrate's grid), else plan()."""
@@ -109,20 +122,21 @@ class Bench:
         self.sd_bs_max = getattr(self.args, "sd_bs_max", None) or max(self.args.batches)
         spec = {"mode": "argmax", "gamma": 3, "gamma_ladder": [g for g in self.args.gammas if g > 0],
                 "policy": {"argmax_gammas": [g for g in self.args.gammas if g > 0]},
-                "roofline": ROOFLINE, "timing": True, "bs_max": self.sd_bs_max, "draft_kernel": self.variant}
+                "roofline": ROOFLINE, "timing": True, "bs_max": self.sd_bs_max, **self.sd_variant.spec()}
+        if self.sd_variant.vocab:  # the engine counts its subset from the prompts; these ids are always in it
+            spec["draft_vocab_always"] = draft_vocab_always(self.args.model)
         t = time.time()
         eng = SGLangEngine(self.args.model, spec, self.sglang_args())
-        info = eng.engine.get_server_info()
         st = eng.rpc("stats")
-        self.out["meta"]["max_total_num_tokens"]["argmax"] = info.get("max_total_num_tokens")
-        self.out["meta"]["sd"] = {"startup_s": round(time.time() - t, 1), "draft_kernel": self.variant,
-                                  "bs_max": self.sd_bs_max, "int4_bytes": st["int4_bytes"],
-                                  "num_int4_linears": st["num_int4_linears"], "graphs": st["graphs"],
-                                  "graph_init_s": st["graph_init_s"],
-                                  "requant_s": [eng.rpc("requantize")["requant_s"] for _ in range(3)]}
+        self.out["meta"]["sd"] = {self.variant: {
+            "startup_s": round(time.time() - t, 1), "variant": self.variant, **self.sd_variant.spec(),
+            "bs_max": self.sd_bs_max, "max_total_num_tokens": eng.engine.get_server_info().get("max_total_num_tokens"),
+            "int4_bytes": st["int4_bytes"], "num_int4_linears": st["num_int4_linears"], "graphs": st["graphs"],
+            "graph_init_s": st["graph_init_s"], "requant_s": [eng.rpc("requantize")["requant_s"] for _ in range(3)]}}
         self.save()
+        pts = self.points()
         try:
-            for s, b in self.points():
+            for k, (s, b) in enumerate(pts, 1):
                 if self.left() < 20:
                     break
                 if not self.fits(eng, s, b, 8 * 12 + 8):
@@ -132,12 +146,12 @@ class Bench:
                 self.timed(eng, prompts, 1)  # prefill once; later calls hit the prefix cache
                 for g in self.args.gammas:
                     if g == 0 or b <= self.sd_bs_max:  # above it the worker runs gamma = 0 whatever is pinned
-                        self.point_sd(eng, prompts, s, b, g)
+                        self.point_sd(eng, prompts, s, b, g, (k, len(pts)))
                 self.save()
         finally:
             eng.shutdown()
 
-    def point_sd(self, eng, prompts, s, b, g) -> None:
+    def point_sd(self, eng, prompts, s, b, g, point: tuple[int, int]) -> None:
         n = max(32, 8 * (g + 1))
         eng.rpc("set_gamma", gamma=g)
         t1 = min(self.timed(eng, prompts, 1) for _ in range(2))  # the first call after a switch runs cold
@@ -156,7 +170,7 @@ class Bench:
                "accept_len": st["num_emitted"] / max(st["num_seq_steps"], 1), "graph_frac": graph,
                "device": self.out["device"]}
         self.out["records"].append(rec)
-        print("SD", json.dumps(rec), flush=True)
+        print(self.progress(*point), "SD", json.dumps(rec), flush=True)
 
     def run_ar(self) -> None:
         from er_sglang.sglang.engine import SGLangEngine
@@ -165,9 +179,9 @@ class Bench:
         eng = SGLangEngine(self.args.model, {"mode": "no-sd", "gamma": 0, "gamma_ladder": [1]}, self.sglang_args())
         self.out["meta"]["ar"] = {"startup_s": round(time.time() - t, 1)}
         self.out["meta"]["max_total_num_tokens"]["no-sd"] = eng.engine.get_server_info().get("max_total_num_tokens")
-        n = 32
+        n, pts = 32, self.points()
         try:
-            for s, b in self.points():
+            for k, (s, b) in enumerate(pts, 1):
                 if self.left() < 20:
                     break
                 if not self.fits(eng, s, b, n + 8):
@@ -181,7 +195,7 @@ class Bench:
                        "ms_per_step_wall": 1e3 * (tn - t1) / n, "t_draft_ms": 0.0, "t_verify_ms": None,
                        "device": self.out["device"]}
                 self.out["records"].append(rec)
-                print("AR", json.dumps(rec), flush=True)
+                print(self.progress(k, len(pts)), "AR", json.dumps(rec), flush=True)
                 self.save()
         finally:
             eng.shutdown()
@@ -218,50 +232,68 @@ def run_part(args) -> None:
 
 
 def cmd_run(args) -> None:
-    """The parts in child processes, AR first. SGLang answers a scheduler failure by SIGKILLing the process that
-    owns the engine (kill_process_tree), so only a separate process keeps the other part's records, and lets an
-    SD engine that could not start (e.g. out of memory capturing graphs at every B) retry with graph states up to
-    B = SD_FALLBACK_BS. The children's records and meta are merged into --json."""
+    """The parts in child processes, AR first, then one SD child per variant. SGLang answers a scheduler failure
+    by SIGKILLing the process that owns the engine (kill_process_tree), so only a separate process keeps the other
+    parts' records, and lets an SD engine that could not start (e.g. out of memory capturing graphs at every B)
+    retry with graph states up to B = SD_FALLBACK_BS. The children's records and meta are merged into --json."""
     if args.child:
         return run_part(args)
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM still reaps the child's group
     t0 = time.time()
-    out = {"device": None, "backend": args.backend, "variant": args.draft_kernel, "records": [],
+    out = {"device": None, "backend": args.backend, "variants": [v.name for v in args.variants], "records": [],
            "meta": {"cmd": " ".join(sys.argv), "max_total_num_tokens": {}}}
     failed = []
-    for part in [p for p in ("ar", "sd") if p in args.parts]:
+    if "ar" in args.parts:
         left = args.limit_s - (time.time() - t0)
-        budget = min(args.ar_budget_s, left - 120) if part == "ar" and "sd" in args.parts else left
-        bs_max = max(args.batches)
-        rc, doc = _child(args, part, budget, bs_max)
-        if rc and part == "sd" and not doc.get("records") and bs_max > SD_FALLBACK_BS \
-                and args.limit_s - (time.time() - t0) > 150:
-            out["meta"]["sd_start_error"] = {"bs_max": bs_max, "exit": rc}
-            print(f"SD part exited {rc} before any record (bs_max={bs_max}); retrying with "
-                  f"bs_max={SD_FALLBACK_BS}", flush=True)
-            rc, doc = _child(args, part, args.limit_s - (time.time() - t0), SD_FALLBACK_BS)
+        rc, doc = _child(args, "ar", min(args.ar_budget_s, left - 120) if "sd" in args.parts else left,
+                         max(args.batches))
         _merge(out, doc)
         if rc:
-            failed.append(part)
-            out["meta"][f"{part}_error"] = f"child exited {rc} (its output is above in the log)"
+            failed.append("ar")
+            out["meta"]["ar_error"] = f"child exited {rc} (its output is above in the log)"
         _save(out, args.json)
+    if "sd" in args.parts:
+        failed += run_variants(args, out, t0)
     if failed:
         sys.exit(f"bench_step run: part(s) {', '.join(failed)} failed (meta.*_error in {args.json})")
 
 
-def _child(args, part: str, budget_s: float, bs_max: int) -> tuple[int, dict]:
-    """(exit status, its JSON or {}): `run --child` for one part in its own process group, killed whole
-    (SGLang's scheduler processes included) when it ends, overruns its budget, or this process is terminated:
-    nothing of it may keep holding the GPU for the device call's next step."""
+def run_variants(args, out: dict, t0: float) -> list[str]:
+    """One SD child per variant, each within an equal share of the time left then (one that ends early leaves
+    its rest to the next); -> the failed ones as 'sd[<variant>]'. A variant whose engine could not start with
+    graph states at every B but could at B <= SD_FALLBACK_BS lets the later ones start there: same graphs,
+    same memory."""
+    failed, bs_max = [], max(args.batches)
+    for i, v in enumerate(args.variants):
+        end = time.time() + (args.limit_s - (time.time() - t0)) / (len(args.variants) - i)
+        rc, doc = _child(args, "sd", end - time.time(), bs_max, v)
+        if rc and not doc.get("records") and bs_max > SD_FALLBACK_BS and end - time.time() > 150:
+            out["meta"].setdefault("sd_start_error", {})[v.name] = {"bs_max": bs_max, "exit": rc}
+            print(f"SD part {v.name} exited {rc} before any record (bs_max={bs_max}); retrying with "
+                  f"bs_max={SD_FALLBACK_BS}", flush=True)
+            rc, doc = _child(args, "sd", end - time.time(), SD_FALLBACK_BS, v)
+            bs_max = SD_FALLBACK_BS if doc.get("records") else bs_max
+        _merge(out, doc)
+        if rc:
+            failed.append(f"sd[{v.name}]")
+            out["meta"].setdefault("sd_error", {})[v.name] = f"child exited {rc} (its output is above in the log)"
+        _save(out, args.json)
+    return failed
+
+
+def _child(args, part: str, budget_s: float, bs_max: int, variant: Variant | None = None) -> tuple[int, dict]:
+    """(exit status, its JSON or {}): `run --child` for one part (SD: one variant) in its own process group,
+    killed whole (SGLang's scheduler processes included) when it ends, overruns its budget, or this process is
+    terminated: nothing of it may keep holding the GPU for the device call's next step."""
     import signal
     import subprocess
 
-    path = child_json(args, part)
+    path = child_json(args, part, variant)
     if os.path.exists(path):
         os.remove(path)
-    cmd = [sys.executable, os.path.abspath(__file__), *child_argv(args, part, budget_s, bs_max)]
+    cmd = [sys.executable, os.path.abspath(__file__), *child_argv(args, part, budget_s, bs_max, variant)]
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
         rc = proc.wait(timeout=budget_s + 30)
@@ -279,16 +311,17 @@ def _child(args, part: str, budget_s: float, bs_max: int) -> tuple[int, dict]:
         return rc, json.load(f)
 
 
-def child_json(args, part: str) -> str:
-    return f"{args.json}.{part}.json"
+def child_json(args, part: str, variant: Variant | None = None) -> str:
+    tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in variant.name) if variant else ""
+    return f"{args.json}.{part}{'.' + tag if tag else ''}.json"
 
 
-def child_argv(args, part: str, budget_s: float, bs_max: int) -> list[str]:
-    """main()'s argv for one part run by a child (`run --child`)."""
-    return ["run", "--child", "--parts", part, "--model", args.model, "--json", child_json(args, part),
+def child_argv(args, part: str, budget_s: float, bs_max: int, variant: Variant | None = None) -> list[str]:
+    """main()'s argv for one part (SD: one variant) run by a child (`run --child`)."""
+    return ["run", "--child", "--parts", part, "--model", args.model, "--json", child_json(args, part, variant),
             "--limit-s", f"{budget_s:.0f}", "--seqs", ",".join(map(str, args.seqs)),
             "--batches", ",".join(map(str, args.batches)), "--gammas", ",".join(map(str, args.gammas)),
-            "--backend", args.backend, "--draft-kernel", args.draft_kernel, "--sd-bs-max", str(bs_max),
+            "--backend", args.backend, "--variants", (variant or args.variants[0]).name, "--sd-bs-max", str(bs_max),
             "--load-format", args.load_format, *(["--no-f-eff"] if args.no_f_eff else []),
             *(["--points", ",".join(f"{s}:{b}" for s, b in args.points)] if args.points else [])]
 
@@ -299,6 +332,8 @@ def _merge(out: dict, doc: dict) -> None:
     meta = dict(doc.get("meta", {}))
     meta.pop("cmd", None)
     out["meta"]["max_total_num_tokens"].update(meta.pop("max_total_num_tokens", {}))
+    if "sd" in meta:  # keyed by variant: each SD child adds its own
+        out["meta"].setdefault("sd", {}).update(meta.pop("sd"))
     out["meta"].update(meta)
 
 
@@ -308,46 +343,56 @@ def _save(out: dict, path: str) -> None:
         json.dump(out, f, indent=1)
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def _grid_args(p, seqs, batches, gammas, parts) -> None:
+    """The flags `run` and `profile` share: model, output, grid, parts, backend, budget."""
+    p.add_argument("--model", default="/tmp/q7")
+    p.add_argument("--json", required=True)
+    p.add_argument("--seqs", type=_ints, default=seqs)
+    p.add_argument("--batches", type=_ints, default=batches)
+    p.add_argument("--gammas", type=_ints, default=gammas)
+    p.add_argument("--parts", type=lambda x: x.split(","), default=parts)
+    p.add_argument("--backend", default="flashinfer", choices=["flashinfer", "triton", "fa3"])
+    p.add_argument("--limit-s", type=float, default=540.0)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("make")
-    m.add_argument("--model", default="/tmp/q7")
+    sub.add_parser("make").add_argument("--model", default="/tmp/q7")
     r = sub.add_parser("run")
-    r.add_argument("--model", default="/tmp/q7")
-    r.add_argument("--json", required=True)
-    r.add_argument("--seqs", type=lambda x: [int(v) for v in x.split(",")], default=[2048, 512, 8192])
-    r.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=BATCHES)
-    r.add_argument("--gammas", type=lambda x: [int(v) for v in x.split(",")], default=GAMMAS)
-    r.add_argument("--parts", type=lambda x: x.split(","), default=["sd", "ar"])
-    r.add_argument("--backend", default="flashinfer", choices=["flashinfer", "triton", "fa3"])
-    r.add_argument("--limit-s", type=float, default=540.0)
+    _grid_args(r, [2048, 512, 8192], BATCHES, GAMMAS, ["sd", "ar"])
     r.add_argument("--ar-budget-s", type=float, default=150.0, help="AR runs first, within this; SD gets the rest")
     r.add_argument("--child", action="store_true", help="internal: run one part in this process")
     r.add_argument("--sd-bs-max", type=int, help="internal: graph states up to this B (default: max --batches)")
     r.add_argument("--points", type=lambda x: [tuple(int(v) for v in p.split(":")) for p in x.split(",")],
                    help="S:B,... points in measuring order (default: S=2048 at every B first, then the other S)")
     r.add_argument("--load-format", default="dummy", choices=["dummy", "auto"], help="dummy: random weights")
-    r.add_argument("--draft-kernel", default="marlin", choices=KERNELS, help="spec.draft_kernel of the SD engine")
+    r.add_argument("--variants", type=parse_variants, help="SD engines to measure, one child each, e.g. "
+                   "'marlin,gemlite,marlin+vocab=32768+head=int4' (KERNEL[+vocab=K][+head=shared|int8|int4])")
+    r.add_argument("--draft-kernel", choices=KERNELS, help="one variant: this spec.draft_kernel (default marlin)")
     r.add_argument("--no-f-eff", action="store_true", help="skip the GEMM benchmark (meta.f_eff) that makes the "
                    "run's JSON an er-calibrate --from-json input")
     pr = sub.add_parser("profile")
-    pr.add_argument("--model", default="/tmp/q7")
-    pr.add_argument("--json", required=True)
+    _grid_args(pr, [2048], [1, 16], [0, 3], ["ar", "sd"])
     pr.add_argument("--trace-dir", required=True)
-    pr.add_argument("--seqs", type=lambda x: [int(v) for v in x.split(",")], default=[2048])
-    pr.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=[1, 16])
-    pr.add_argument("--gammas", type=lambda x: [int(v) for v in x.split(",")], default=[0, 3])
-    pr.add_argument("--parts", type=lambda x: x.split(","), default=["ar", "sd"])
-    pr.add_argument("--backend", default="flashinfer", choices=["flashinfer", "triton", "fa3"])
     pr.add_argument("--steps", type=int, default=16)
     pr.add_argument("--draft-kernel", default="marlin", choices=KERNELS, help="spec.draft_kernel of the SD engine")
-    pr.add_argument("--limit-s", type=float, default=540.0)
     q = sub.add_parser("plot")
     q.add_argument("--json", required=True)
     q.add_argument("--png", required=True)
-    sub.add_parser("table").add_argument("--json", required=True, nargs="+", help="one or more runs' JSON")
+    t = sub.add_parser("table")
+    t.add_argument("--json", required=True, nargs="+", help="one or more runs' JSON")
+    t.add_argument("--accept", type=lambda x: x.split(","), default=[],
+                   help="scripts/accept_real.py JSON(s), comma-separated: acceptance and the per-step gain")
     args = p.parse_args(argv)
+    if args.cmd == "run":
+        if args.variants and args.draft_kernel:  # device_run.sh passes --draft-kernel always; BENCH_ARGS may add these
+            print(f"bench_step run: --variants given, --draft-kernel {args.draft_kernel} ignored", flush=True)
+        args.variants = args.variants or [parse_variant(args.draft_kernel or "marlin")]
     if args.cmd == "profile":
         from scripts.bench_step_profile import cmd_profile
 

@@ -1,5 +1,6 @@
 """bench_step.py's `plot` and `table`: the step benchmark's records (one or more runs' JSON) as a PNG and as the
-markdown table of docs/benchmarks.md (r = draft step / AR, r_plain, verify / AR per S, B, variant, gamma)."""
+markdown tables of docs/benchmarks.md: per (S, B, variant, gamma) r = draft step / AR, r_plain, verify / AR; r side
+by side per variant; with --accept (scripts/accept_real.py JSONs) the acceptance and the per-step gain over AR."""
 from __future__ import annotations
 
 import json
@@ -43,9 +44,6 @@ def cmd_table(args) -> None:
     sd = [dict(r, variant=r.get("variant", "marlin")) for r in recs if r["mode"] == "sd"]
     plain = {(r["seq"], r["batch"], r["variant"]): r.get("t_decode_ms") for r in sd if r["gamma"] == 0}
 
-    def f(x):
-        return "" if x is None else f"{x:.3f}"
-
     def ratio(x, t):
         return x / t if t and x else None
 
@@ -55,6 +53,71 @@ def cmd_table(args) -> None:
     for r in sorted(sd, key=lambda r: (r["seq"], r["batch"], r["variant"], r["gamma"])):
         t_ar, t_plain = ar.get((r["seq"], r["batch"])), plain.get((r["seq"], r["batch"], r["variant"]))
         draft, wall = r.get("t_draft_step_ms"), r.get("ms_per_step_wall")
-        print(f"| {r['seq']} | {r['batch']} | {r['variant']} | {r['gamma']} | {f(wall)} | {f(r['ms_per_step'])} | "
-              f"{f(t_ar)} | {f(ratio(wall, t_ar))} | {f(draft)} | {f(ratio(draft, t_ar))} | "
-              f"{f(ratio(draft, t_plain))} | {f(r['t_verify_ms'])} | {f(ratio(r['t_verify_ms'], t_ar))} |")
+        print(f"| {r['seq']} | {r['batch']} | {r['variant']} | {r['gamma']} | {_f(wall)} | {_f(r['ms_per_step'])} | "
+              f"{_f(t_ar)} | {_f(ratio(wall, t_ar))} | {_f(draft)} | {_f(ratio(draft, t_ar))} | "
+              f"{_f(ratio(draft, t_plain))} | {_f(r['t_verify_ms'])} | {_f(ratio(r['t_verify_ms'], t_ar))} |")
+    _table_r(sd, ar)
+    if args.accept:
+        _table_gain(sd, ar, _accepts(args.accept))
+
+
+def _f(x) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
+def _table_r(sd: list, ar: dict) -> None:
+    """r = t_draft_step / T_AR, one column per variant (in order of appearance), per (S, B, gamma > 0)."""
+    names = list(dict.fromkeys(r["variant"] for r in sd))
+    r_of = {(r["seq"], r["batch"], r["gamma"], r["variant"]): r["t_draft_step_ms"] / ar[(r["seq"], r["batch"])]
+            for r in sd if r["gamma"] and r.get("t_draft_step_ms") and ar.get((r["seq"], r["batch"]))}
+    print(f"\n| S | B | gamma | {' | '.join(f'r {n}' for n in names)} |")
+    print("|---|---|---|" + "---|" * len(names))
+    for s, b, g in sorted({k[:3] for k in r_of}):
+        print(f"| {s} | {b} | {g} | " + " | ".join(_f(r_of.get((s, b, g, n))) for n in names) + " |")
+
+
+def _accept_key(grid: str, vocab: int, head: str, gamma: int, counts: str | None = "tokens") -> tuple:
+    """What acceptance depends on besides the model and prompts: the int4 grid, the draft head (and what ranks a
+    K-subset: SGLang counts tokens only; the CPU may count soft), gamma."""
+    return grid, int(vocab or 0), head or "shared", (counts or "tokens") if vocab else None, int(gamma)
+
+
+def _accepts(paths: list) -> dict:
+    """_accept_key -> (accept_rate, mean_accept_len L = tokens per verify step incl. the bonus, path) of
+    scripts/accept_real.py JSONs (files written before draft_grid existed ran the engine's default grid)."""
+    from er_sglang.int4_linear import draft_grid
+
+    out = {}
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        engine = "sglang" if d.get("engine") == "sglang" else "reference"
+        key = _accept_key(d.get("draft_grid") or draft_grid(d.get("draft_kernel") or "auto", engine),
+                          d.get("draft_vocab"), d.get("draft_head"), d["gamma"], d.get("draft_vocab_counts"))
+        if key in out:
+            raise SystemExit(f"--accept: {out[key][2]} and {path} both measured {key} (grid, vocab, head, counts, "
+                             "gamma)")
+        out[key] = (d["accept_rate"], d["mean_accept_len"], path)
+    return out
+
+
+def _table_gain(sd: list, ar: dict, accepts: dict) -> None:
+    """Per SD record with an acceptance of its variant's grid, head and gamma: predicted gain per step
+    G = L / (gamma * r + v) (r = t_draft_step / T_AR, v = t_verify / T_AR: the worker's events, so no host work)
+    and measured G = L * T_AR / wall ms per step; G > 1: SD emits tokens faster than plain decoding."""
+    from er_sglang.int4_linear import draft_grid
+    from scripts.bench_step_variant import parse_variant
+
+    print("\n| S | B | variant | gamma | accept rate | L (tokens/step) | r | v | G = L/(gamma r + v) "
+          "| G measured = L T_AR / wall step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for rec in sorted(sd, key=lambda r: (r["seq"], r["batch"], r["variant"], r["gamma"])):
+        t_ar, g, v = ar.get((rec["seq"], rec["batch"])), rec["gamma"], parse_variant(rec["variant"])
+        hit = accepts.get(_accept_key(draft_grid(v.kernel, "sglang"), v.vocab, v.head, g))
+        if not (g and hit and t_ar and rec.get("t_draft_step_ms") and rec.get("t_verify_ms")):
+            continue
+        alpha, length, _ = hit
+        r, ver, wall = rec["t_draft_step_ms"] / t_ar, rec["t_verify_ms"] / t_ar, rec.get("ms_per_step_wall")
+        wall = wall if wall and wall > 0 else None  # early runs' first point per B (benchmarks.md §6)
+        print(f"| {rec['seq']} | {rec['batch']} | {rec['variant']} | {g} | {_f(alpha)} | {_f(length)} | {_f(r)} "
+              f"| {_f(ver)} | {_f(length / (g * r + ver))} | {_f(length * t_ar / wall if wall else None)} |")

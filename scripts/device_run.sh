@@ -61,14 +61,15 @@ pt() {  # pt NAME FILE [CAP_S [PYTEST_ARGS...]]: one pytest process per call (an
     rc=$?; el "pytest $name rc=$rc"
     grep -E "PASS|FAIL|ERROR|passed|failed|error|Error" "$OUT/pytest_$name.log" | tail -n 25 | cut -c1-400
 }
-bench() {  # bench BACKEND [KERNEL [SHARES]]: spec.draft_kernel=KERNEL (marlin), 1/SHARES of the time left
-    local tag=$1; [ "${2:-marlin}" != marlin ] && tag=$1_$2
+bench() {  # bench BACKEND: plain SGLang once, then one SD engine per variant of BENCH_VARIANTS (default marlin)
+    local tag=$1; [ -n "${BENCH_VARIANTS:-}" ] && tag=$1_variants
     python3 scripts/bench_step.py make --model /tmp/q7 > "$OUT/bench_$tag.log" 2>&1
-    local blim=$(( ($(left) - 15 - ${BENCH_LEAVE:-0}) / ${3:-1} ))
+    local blim=$(( $(left) - 15 - ${BENCH_LEAVE:-0} ))
     timeout "$(( blim + 45 ))" python3 scripts/bench_step.py run --model /tmp/q7 --limit-s "$blim" --backend "$1" \
-        --draft-kernel "${2:-marlin}" --json "/tmp/res/bench_step_${GPU}_$tag.json" ${BENCH_ARGS:-} \
+        --variants "${BENCH_VARIANTS:-marlin}" --json "/tmp/res/bench_step_${GPU}_$tag.json" ${BENCH_ARGS:-} \
         >> "$OUT/bench_$tag.log" 2>&1
-    el "bench $tag rc=$?"; grep -E "^(SD|AR) " "$OUT/bench_$tag.log" | cut -c1-260 | tail -n 70
+    el "bench $tag rc=$?"; grep -E "^(\[[0-9]+/[0-9]+ points, [0-9]+/[0-9]+ s\] )?(SD|AR) " "$OUT/bench_$tag.log" \
+        | cut -c1-280 | tail -n 70
     grep -m8 -E "Error|error|Traceback" "$OUT/bench_$tag.log" | cut -c1-300
 }
 profile() {  # profile BACKEND: torch-profiler traces of SD (B x gamma) and plain SGLang, summarized
@@ -82,6 +83,11 @@ profile() {  # profile BACKEND: torch-profiler traces of SD (B x gamma) and plai
 # er-train steps: the experiment files' folder and the prompt file (TRAIN_DATA= for a config's own data)
 TRAIN_CFG=${TRAIN_CFG:-configs/experiments/qwen2.5-coder-0.5b}
 TRAIN_DATA=${TRAIN_DATA-data.train=/tmp/pydeps/gsm8k_train.jsonl}
+roof() {  # roof NAME: spec.roofline=<this GPU's calibration of NAME>, measured on this machine or committed
+    local f; for f in "/tmp/res/${GPU}_tp1_$1.json" "configs/roofline/${GPU}_tp1_$1.json"; do
+        [ -f "$f" ] && { echo "spec.roofline=$f"; return; }; done
+    el "roof $1: no ${GPU} calibration; the experiment file's roofline decides" >&2
+}
 raystop() {  # a run killed by timeout/SIGKILL leaves Ray's daemons: the next run must start clean
     pkill -9 -f "ray/core/src/ray" 2>/dev/null; pkill -9 -f "ray::" 2>/dev/null; pkill -9 -f sglang 2>/dev/null; sleep 2
 }
@@ -97,9 +103,8 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
         sleep)  # memory-saving sleep/wake (torch_memory_saver from .kitcache) and per-request seeds, apart
                 pt sleep tests/gpu/test_sglang_sleep_seed.py "${SLEEP_CAP:-}" -k memory_saver
                 pt seeds tests/gpu/test_sglang_sleep_seed.py "${SEEDS_CAP:-}" -k seeds ;;
-        bench)  # BENCH_KERNELS="marlin tinygemm gemlite": one run per draft kernel, the time left shared equally
-                n=$(echo ${BENCH_KERNELS:-marlin} | wc -w)
-                for k in ${BENCH_KERNELS:-marlin}; do bench "${BACKEND:-flashinfer}" "$k" "$n"; n=$(( n - 1 )); done ;;
+        bench)  # BENCH_VARIANTS='marlin,gemlite,marlin+head=int4,...': AR once, the SD time shared among variants
+                bench "${BACKEND:-flashinfer}" ;;
         bench_triton) bench triton ;;
         profile) profile "${BACKEND:-flashinfer}" ;;
         gemv)   # int4/int8 weight-only GEMV kernels vs bf16 (scripts/bench_int4_gemv.py), budget <= GEMV_BUDGET s
@@ -124,7 +129,7 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                 el "pydeps: $(ls /tmp/pydeps | tr '\n' ' ') done=$([ -f /tmp/.pydeps_done ] && echo yes || echo no)" ;;
         train)  # issue 11: er-train on the staged 0.5B (/tmp/q05) per mode in TRAIN_MODES, GSM8K from pydeps. A call is
                 # <= 10 min and 20 steps may not fit one: SIGTERM 100 s before the call's end (er-train finishes the
-                # step and checkpoints), and the next call with the same mode continues it (resume=auto) unless
+                # step and checkpoints within the 90 s before SIGKILL), and the next call with the same mode continues it (resume=auto) unless
                 # TRAIN_FRESH=1. checkpoint.keep=1, and a finished run's checkpoints are deleted (7.6 GB each).
                 for m in ${TRAIN_MODES:-no-sd}; do
                     d=/tmp/runs/$m; mkdir -p /tmp/res/train
@@ -133,7 +138,7 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                     else
                         args=("run_dir=$d" resume=auto)
                     fi
-                    timeout -k 30 "$(lim 100)" setsid python3 -m orchestrator.cli "${args[@]}" \
+                    timeout -k 90 "$(lim 100)" setsid python3 -m orchestrator.cli "${args[@]}" \
                         checkpoint.keep=1 ${TRAIN_ARGS:-} >> "$OUT/train_$m.log" 2>&1
                     el "train $m rc=$?"; tail -n 28 "$OUT/train_$m.log" | cut -c1-250
                     cp "$d/metrics.jsonl" "/tmp/res/train/$m.jsonl" 2>/dev/null; raystop
@@ -156,11 +161,14 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                 el "resume rc=$?"; tail -n 12 "$OUT/resume_second.log" | cut -c1-250
                 cp "$d/metrics.jsonl" /tmp/res/train/resume_${m}.jsonl 2>/dev/null; raystop; rm -rf "$d/checkpoints" ;;
         rollout) # issue 10 part real: the staged 0.5B (/tmp/q05 + its staged tokenizer), MATH levels 3-5 from
-                # pydeps, 64 prompts x G 8, 4096 new tokens; ROLLOUT_MODES (comma-separated) per call, one JSON each
+                # pydeps, 64 prompts x G 8, 4096 new tokens; ROLLOUT_MODES (comma-separated) per call, one JSON each.
+                # No trainer shares the GPU here: 0.8 of it for weights + KV (512 x 4.3k tokens x 12 KiB = 26 GiB;
+                # the experiment's 0.3 would retract requests on an H100), decode graphs up to B = 512
                 tag=$(echo "${ROLLOUT_MODES:-no-sd}" | tr ',' '_')
                 timeout "$(lim 15)" python3 scripts/bench_rollout.py real "$TRAIN_CFG/base.yaml" \
                     data.train=/tmp/pydeps/math_hard_train.jsonl data.prompts_per_step=64 sampling.max_new_tokens=4096 \
-                    sglang.cuda_graph_max_bs_decode=512 ${ROLLOUT_OVERRIDES:-} --modes "${ROLLOUT_MODES:-no-sd}" --rollouts "${ROLLOUT_N:-3}" \
+                    sglang.mem_fraction_static=0.8 sglang.cuda_graph_max_bs_decode=512 $(roof qwen2.5-coder-0.5b) \
+                    ${ROLLOUT_OVERRIDES:-} --modes "${ROLLOUT_MODES:-no-sd}" --rollouts "${ROLLOUT_N:-3}" \
                     --json "/tmp/res/bench_rollout_real_$tag.json" > "$OUT/rollout_$tag.log" 2>&1
                 el "rollout $tag rc=$?"; grep -E '^\{' "$OUT/rollout_$tag.log" | cut -c1-300
                 grep -m8 -E "Error|error:|Traceback" "$OUT/rollout_$tag.log" | cut -c1-300 ;;
@@ -176,15 +184,16 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                 tag=$(echo "${ROLLOUT_MODES:-no-sd}" | tr ',' '_')
                 timeout "$(lim 15)" python3 scripts/bench_rollout.py replay "$TRAIN_CFG/base.yaml" \
                     model.path=/tmp/q7 sglang.load_format=dummy sglang.mem_fraction_static=0.8 \
-                    sglang.attention_backend="${BACKEND:-flashinfer}" ${ROLLOUT_OVERRIDES:-} --from "$src" \
+                    sglang.cuda_graph_max_bs_decode=512 sglang.attention_backend="${BACKEND:-flashinfer}" \
+                    $(roof qwen2.5-7b) ${ROLLOUT_OVERRIDES:-} --from "$src" \
                     --modes "${ROLLOUT_MODES:-no-sd}" --rollouts "${ROLLOUT_N:-3}" \
                     --json "/tmp/res/bench_rollout_replay_$tag.json" > "$OUT/replay_$tag.log" 2>&1
                 el "replay $tag rc=$?"; grep -E '^\{' "$OUT/replay_$tag.log" | cut -c1-300
                 grep -m8 -E "Error|error:|Traceback" "$OUT/replay_$tag.log" | cut -c1-300 ;;
         calibrate) # issue 12: er-calibrate per shape in CAL_SHAPES (configs/shapes/NAME, random weights), each
                 # within CAL_BUDGET s of measuring -> /tmp/res/<gpu>_tp1_NAME.json (+ .png, .records.json)
-                for n in ${CAL_SHAPES:-qwen2.5-7b}; do  # a shape name, or a model dir (e.g. /tmp/q05)
-                    m="configs/shapes/$n"; [ -d "$n" ] && m=$n && n=$(basename "$n")
+                for n in ${CAL_SHAPES:-qwen2.5-7b}; do  # a shape name, or a model dir (e.g. /tmp/q05, named CAL_NAME)
+                    m="configs/shapes/$n"; [ -d "$n" ] && m=$n && n=${CAL_NAME:-$(basename "$n")}
                     cb=$(( $(left) - 90 )); [ "$cb" -gt "${CAL_BUDGET:-480}" ] && cb=${CAL_BUDGET:-480}
                     timeout "$(lim 10)" python3 -m er_sglang.calibrate --model "$m" \
                         --random-weights --name "$n" --budget-s "$cb" --backend "${BACKEND:-flashinfer}" --force \

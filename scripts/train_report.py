@@ -6,7 +6,8 @@
 
 JSON: {"runs": [{"mode", "steps": [metrics rows]}], "resume_checked", "resume", "summary"}. summary per mode:
 steps, mean step / rollout / train / sync times over steps >= 2 (step 1 holds the warm-up), sync + requant as a
-fraction of the step, reward of the first and last thirds, acceptance; and step_time_ratio = no-sd's mean step
+fraction of the step, reward of the first and last thirds, acceptance, the largest GPU memory per phase
+(mem_max_gib: awake, asleep, training peak, woken; GPU runs only); and step_time_ratio = no-sd's mean step
 time / each mode's (> 1: faster than no-sd). resume_checked: the resumed run's steps are 1..N without a gap,
 and it went past --kill-after.
 """
@@ -21,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orchestrator.tracker import read_metrics
 
 PLOT_KEYS = ("train/reward_mean", "timing/step_s")
+# GPU memory per phase (GiB; engine 0's device-wide nvidia-smi reading around sleep/wake, the trainer's own peak)
+MEM_KEYS = ("mem/used_gib_awake", "mem/used_gib_asleep", "mem/train_peak_gib", "mem/train_reserved_gib",
+            "mem/used_gib_woken")
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -43,6 +47,8 @@ def summarize(rows: list[dict]) -> dict:
            "reward_first": _mean(rows[:third], "train/reward_mean"),
            "reward_last": _mean(rows[-third:], "train/reward_mean"),
            "accept_rate": _mean(warm, "spec/accept_rate"), "spec_on_frac": _mean(warm, "spec/on_frac")}
+    out["mem_max_gib"] = {k.split("/", 1)[1]: max(r[k] for r in rows if k in r) for k in MEM_KEYS
+                          if any(k in r for r in rows)}
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 

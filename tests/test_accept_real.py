@@ -1,4 +1,5 @@
-"""scripts/accept_real.py's pure helpers: prompt selection, GGUF chunk staging and reassembly."""
+"""scripts/accept_real.py's pure helpers (prompt selection, GGUF chunk staging and reassembly) and how its
+cpu / gpu flags reach the engines (stub engines, no model, no GPU)."""
 from __future__ import annotations
 
 import gzip
@@ -7,10 +8,13 @@ import json
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 
 from er_sglang.data import Example
+from er_sglang.engine import Rollout, SpecStats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import accept_real
@@ -116,6 +120,110 @@ def test_cpu_and_gpu_take_a_draft_kernel():
     assert p.parse_args(["gpu", "--model", "m", "--prompts", "p", "--json", "j"]).draft_kernel == "marlin"
     with pytest.raises(SystemExit):
         p.parse_args(["gpu", "--model", "m", "--prompts", "p", "--json", "j", "--draft-kernel", "auto4"])
+
+
+def test_variant_names_kernel_vocab_and_head_as_each_engine_runs_them():
+    assert accept_real.variant("marlin", "sglang", 32768, "int4") == "marlin+vocab=32768+head=int4"
+    assert accept_real.variant("marlin", "reference", 32768, "int4") == "marlin+vocab=32768+head=int4"  # same run
+    assert accept_real.variant("auto", "reference", 0, "shared") == "tinygemm+vocab=full+head=shared"
+    assert accept_real.variant("auto", "sglang", 0, "int8") == "marlin+vocab=full+head=int8"
+    # soft counts change the subset, so they are named; without a subset they change nothing
+    assert accept_real.variant("marlin", "reference", 4096, "shared", "soft") == "marlin+vocab=4096+head=shared+counts=soft"
+    assert accept_real.variant("marlin", "reference", 0, "shared", "soft") == "marlin+vocab=full+head=shared"
+
+
+def test_parser_cpu_and_gpu_take_draft_vocab_and_draft_head():
+    p = accept_real._parser()
+    base = ["--model", "m", "--prompts", "p", "--json", "j"]
+    for cmd in ("cpu", "gpu"):
+        args = p.parse_args([cmd, *base])
+        assert (args.draft_vocab, args.draft_head) == (0, "shared")
+        args = p.parse_args([cmd, *base, "--draft-vocab", "32768", "--draft-head", "int4"])
+        assert (args.draft_vocab, args.draft_head) == (32768, "int4")
+        with pytest.raises(SystemExit):
+            p.parse_args([cmd, *base, "--draft-head", "int2"])
+    assert p.parse_args(["cpu", *base]).draft_vocab_counts == "tokens"  # the GPU's only kind: comparable
+    assert p.parse_args(["cpu", *base, "--draft-vocab-counts", "soft"]).draft_vocab_counts == "soft"
+    with pytest.raises(SystemExit):  # the SGLang worker counts tokens only
+        p.parse_args(["gpu", *base, "--draft-vocab-counts", "soft"])
+
+
+class _Stub:
+    """Either engine: records what it was started with, returns one rollout (6 drafted, 3 accepted, 2 steps)."""
+
+    started: ClassVar[dict] = {}
+
+    def __init__(self, *args):
+        _Stub.started = {"args": args}
+        self.drafter = SimpleNamespace(backend="rtn")
+
+    @classmethod
+    def from_config(cls, cfg, progress=False):
+        return cls(cfg)
+
+    def generate(self, prompts, params):
+        return [Rollout(0, prompts[0], [7, 8, 9, 2, 4], [0.0] * 5, "stop", num_drafted=6, num_accepted=3,
+                        num_verify_steps=2)]
+
+    def stats(self, reset=False):
+        return SpecStats(num_steps=2, num_spec_steps=2, num_drafted=6, num_accepted=3, num_emitted=5,
+                         num_seq_steps=2, accept_len_hist={1: 1, 2: 1}, gamma_hist={3: 2})
+
+    def rpc(self, op, **kwargs):
+        return {}
+
+    def shutdown(self):
+        pass
+
+
+def _prompt_file(tmp_path: Path) -> Path:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"model": "m", "stop_token_ids": [2, 9], "prompts": [{"id": "a", "ids": [1, 2]}]}))
+    return path
+
+
+def test_cmd_gpu_passes_draft_vocab_and_head_to_the_worker_and_records_them(tmp_path, monkeypatch):
+    import torch
+
+    import er_sglang.models
+    import er_sglang.sglang.engine
+
+    monkeypatch.setattr(er_sglang.sglang.engine, "SGLangEngine", _Stub)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "stub GPU")
+    monkeypatch.setattr(er_sglang.models, "load_tokenizer", lambda path: SimpleNamespace(all_special_ids=[5, 2]))
+    out = tmp_path / "gpu.json"
+    argv = ["gpu", "--model", "m", "--prompts", str(_prompt_file(tmp_path)), "--json", str(out),
+            "--draft-vocab", "32768", "--draft-head", "int4"]
+    assert accept_real.main(argv) == 0
+    path, spec, _ = _Stub.started["args"]
+    assert path == "m"
+    assert (spec["draft_vocab"], spec["draft_head"], spec["draft_kernel"]) == (32768, "int4", "marlin")
+    assert spec["draft_vocab_always"] == [2, 5, 9]  # stops [2, 9] | special ids [5, 2]
+    rec = json.loads(out.read_text())
+    assert (rec["draft_vocab"], rec["draft_head"], rec["draft_vocab_counts"]) == (32768, "int4", "tokens")
+    assert rec["variant"] == "marlin+vocab=32768+head=int4"
+    assert (rec["accept_rate"], rec["mean_accept_len"]) == (0.5, 2.5)  # 3 / 6; 5 emitted / 2 sequence-steps
+    assert accept_real.main(argv[:-4]) == 0  # no subset: nothing drafted always, no tokenizer needed
+    assert "draft_vocab_always" not in _Stub.started["args"][1]
+
+
+def test_cmd_cpu_passes_draft_vocab_head_and_counts_to_the_spec_and_records_them(tmp_path, monkeypatch):
+    import er_sglang.reference
+
+    monkeypatch.setattr(er_sglang.reference, "ReferenceEngine", _Stub)
+    out = tmp_path / "cpu.json"
+    argv = ["cpu", "--model", "m", "--prompts", str(_prompt_file(tmp_path)), "--json", str(out),
+            "--draft-kernel", "marlin", "--draft-vocab", "32768", "--draft-head", "int4"]
+    assert accept_real.main(argv) == 0
+    spec = _Stub.started["args"][0].spec
+    assert (spec.draft_vocab, spec.draft_head, spec.draft_vocab_counts, spec.draft_kernel) == (
+        32768, "int4", "tokens", "marlin")
+    rec = json.loads(out.read_text())
+    assert rec["variant"] == "marlin+vocab=32768+head=int4"  # the GPU run's variant: comparable
+    assert accept_real.main([*argv, "--draft-vocab-counts", "soft"]) == 0
+    assert _Stub.started["args"][0].spec.draft_vocab_counts == "soft"
+    rec = json.loads(out.read_text())
+    assert (rec["draft_vocab_counts"], rec["variant"]) == ("soft", "marlin+vocab=32768+head=int4+counts=soft")
 
 
 def test_staged_tokenizer_round_trips_and_names_a_corrupt_file(tmp_path):

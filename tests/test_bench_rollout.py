@@ -1,18 +1,23 @@
-"""scripts/bench_rollout.py and er_sglang/replay.py on CPU: the wall-time model, replayed acceptance and
-its guard, and the `real` part end to end on the reference engine."""
+"""scripts/bench_rollout.py (+ _report.py) and er_sglang/replay.py on CPU: the wall-time model, replayed acceptance
+and its guard, prompt sampling, the trace and active-batch curves and their plot, and the `real` part end to end
+on the reference engine."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+from er_sglang.engine import SamplingParams, SpecStats
 from er_sglang.policy import SpecPolicy
 from er_sglang.replay import ENV, ReplayAccept, ReplayRefused, build_replay, fit_alpha, refuse_in_training
 from scripts import bench_rollout
-from scripts.bench_rollout import predict_wall, thin
+from scripts.bench_rollout import active_curve, pick_examples, predict_wall, thin
+from scripts.bench_rollout_report import series
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,6 +95,68 @@ def test_thin_keeps_first_and_last():
     assert out[0] == [0.0, 5, 3, 9] and out[-1][0] == 9.0 and len(out) <= 6
 
 
+def test_thin_sums_emitted_tokens_over_each_window():
+    # 7 steps emitting 1..7, points 3 -> k = 2, kept steps 0, 2, 4, 6: windows {0}, {1,2}, {3,4}, {5,6}
+    tr = [[100.0 + i, 9 - i, 3, i + 1] for i in range(7)]
+    assert thin(tr, points=3) == [[0.0, 9, 3, 1], [2.0, 7, 3, 5], [4.0, 5, 3, 9], [6.0, 3, 3, 13]]
+    # 8 steps: kept 0, 2, 4, 6 and the last, 7, whose window is {7} alone; every token counted once
+    out = thin([[float(i), 1, 0, i + 1] for i in range(8)], points=3)
+    assert [p[3] for p in out] == [1, 5, 9, 13, 8] and sum(p[3] for p in out) == 36
+
+
+def test_thin_rate_between_kept_points_is_the_true_rate():
+    # 512 tokens per 10 ms step = 51,200 tok/s; kept every 3rd step, the old one-step count read 17,067
+    tr = [[5.0 + 0.01 * i, 512, 0, 512] for i in range(10)]
+    t, _, rate, _ = series({"trace": thin(tr, points=3)})
+    assert t == pytest.approx([0.0, 0.03, 0.06, 0.09]) and rate[1:] == pytest.approx([51200.0] * 3)
+
+
+def test_active_curve_counts_running_requests_and_their_mean_rates():
+    # rates len/latency: 100/2 = 50, 60/1 = 60, 30/0.5 = 60, 20/1 = 20; two requests finish at t = 1
+    curve = active_curve([100, 60, 30, 20], [2.0, 1.0, 0.5, 1.0])
+    assert curve == [[0.0, 4, 190.0], [0.5, 3, 130.0], [1.0, 1, 50.0], [2.0, 0, 0.0]]
+    # the rate integrates back to every token: 190 * 0.5 + 130 * 0.5 + 50 * 1 = 210 = 100 + 60 + 30 + 20
+    assert sum(a[2] * (b[0] - a[0]) for a, b in itertools.pairwise(curve)) == pytest.approx(210)
+    assert active_curve([5, 5], [1.0, None]) is None and active_curve([], []) is None
+
+
+def test_active_curve_thins_to_every_kth_finish_and_the_last():
+    # request j (1..10) finishes at j s with 10 j tokens (10 tok/s each); 11 points, at most 4 -> every 4th
+    curve = active_curve([10 * j for j in range(1, 11)], [float(j) for j in range(1, 11)], points=4)
+    assert curve == [[0.0, 10, 100.0], [4.0, 6, 60.0], [8.0, 2, 20.0], [10.0, 0, 0.0]]
+
+
+def test_pick_examples_is_the_trainers_first_seeded_batch_not_the_first_rows():
+    # er-train's step 0: random.Random(seed * 1_000_003).shuffle(range(100))[:4]
+    rows = list(range(100))
+    assert pick_examples(rows, 4, seed=0) == [23, 8, 11, 7] == pick_examples(rows, 4, seed=0)
+    assert pick_examples(rows, 4, seed=1) == [78, 25, 76, 9]
+    # fewer rows than asked: epoch 0's permutation [0, 2, 1], then epoch 1's (Random(1): [1, 2, 0]) begins
+    assert pick_examples([0, 1, 2], 5, seed=0) == [0, 2, 1, 1, 2]
+
+
+def test_sglang_generate_reads_latency_from_e2e_latency():
+    from er_sglang.sglang.engine import SGLangEngine
+
+    engine = object.__new__(SGLangEngine)
+    engine.mode, engine._num_calls, engine.server_kwargs, engine._stats_no_sd = "no-sd", 0, {}, SpecStats()
+    outs = [{"output_ids": [1, 2], "meta_info": {"e2e_latency": 1.25, "finish_reason": {"type": "length"}}},
+            {"output_ids": [3], "meta_info": {"finish_reason": {"type": "stop"}}}]
+    engine.engine = SimpleNamespace(generate=lambda **kw: outs)
+    rollouts = engine.generate([[7], [8]], SamplingParams(seed=0))
+    assert [r.latency_s for r in rollouts] == [1.25, None] and rollouts[0].finish_reason == "length"
+
+
+def test_plot_writes_a_png_from_curves_and_old_traces(tmp_path):
+    pytest.importorskip("matplotlib")
+    doc, png = tmp_path / "r.json", tmp_path / "r.png"
+    runs = [{**_run("real", "no-sd", 0, 2.0), "active_curve": [[0.0, 2, 30.0], [1.0, 1, 10.0], [2.0, 0, 0.0]]},
+            {**_run("real", "rtn", 0, 1.0), "trace": [[0.0, 2, 3, 8], [0.5, 2, 3, 8], [1.0, 1, 3, 4]]}]
+    doc.write_text(json.dumps({"part": "real", "device": "cpu", "meta": {}, "runs": runs}))
+    assert bench_rollout.main(["plot", "--json", str(doc), "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_real_part_on_the_reference_engine(tmp_path):
     out = tmp_path / "r.json"
     cmd = [sys.executable, "scripts/bench_rollout.py", "real", "configs/default.yaml", "data.prompts_per_step=1",
@@ -104,6 +171,9 @@ def test_real_part_on_the_reference_engine(tmp_path):
         assert r["trace"] and max(p[1] for p in r["trace"]) == 3  # the step trace saw the whole batch
         # decode steps emit every token but the one each prefill samples (the last step may overshoot)
         assert sum(p[3] for p in r["trace"]) >= r["num_tokens"] - r["num_sequences"]
+        # every request stamped its finish: 3 running at submission, none after the last, within the wall time
+        curve = r["active_curve"]
+        assert curve[0][:2] == [0.0, 3] and curve[-1][1:] == [0, 0.0] and 0 < curve[-1][0] <= r["wall_s"] + 1e-3
     no_sd, rtn = data["runs"][0], data["runs"][2]
     assert no_sd["accept_hist_by_gamma"] == {} and set(rtn["gamma_hist"]) == {"5"}
     assert sum(rtn["accept_hist_by_gamma"]["5"].values()) == sum(p[1] for p in rtn["trace"])

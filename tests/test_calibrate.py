@@ -146,12 +146,14 @@ def _bad_cases(tmp_path):
         "out_exists": (["--from-json", "{records}", "--model", "{model}", "--out", "{records}"], good, "--force"),
         "measure_no_model_dir": (["--model", str(tmp_path / "absent"), "--random-weights"], None, "--model"),
         "measure_without_weights": (["--model", "{model}"], good, "--random-weights"),
+        "measure_config_file": (["--model", "{model}/config.json", "--random-weights"], None, "pass its directory"),
         "bad_batches": (["--from-json", "{records}", "--batches", "1,x"], good, "--batches"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing", "no_ar", "two_batches", "no_model", "out_exists",
-                                  "measure_no_model_dir", "measure_without_weights", "bad_batches"])
+                                  "measure_no_model_dir", "measure_without_weights", "measure_config_file",
+                                  "bad_batches"])
 def test_calibrate_bad_input_one_error_line_nothing_written(tmp_path, monkeypatch, capsys, case):
     argv, doc, needle = _bad_cases(tmp_path)[case]
     records, model = _write_inputs(tmp_path, doc or {})
@@ -277,3 +279,13 @@ def test_bench_step_run_is_a_complete_calibration_record_set(tmp_path, monkeypat
     runs_no_f = tmp_path / "bench_no_f.json"
     bench_step.main(["run", "--model", str(model), "--json", str(runs_no_f), "--no-f-eff"])
     assert "f_eff" not in json.loads(runs_no_f.read_text())["meta"]
+
+
+def test_calibrate_measure_refuses_a_config_json_path_naming_its_directory(tmp_path, capsys):
+    """--model DIR/config.json passed the old preflight, then bench_step's children opened DIR/config.json/config.json:
+    refused before anything starts, the directory named as the fix."""
+    _, model = _write_inputs(tmp_path, {})
+    assert cal.main(["--model", str(model / "config.json"), "--random-weights", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --model {model}/config.json: measuring needs an HF model directory with config.json; " \
+                  f"pass its directory {model}\n"

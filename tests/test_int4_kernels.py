@@ -265,7 +265,7 @@ def test_bench_step_records_name_their_variant_and_table_gives_r_plain(tmp_path,
     b.save()
     assert SPECS[-1]["draft_kernel"] == "tinygemm"
     doc = json.loads(out.read_text())
-    assert doc["variant"] == "tinygemm" and doc["meta"]["sd"]["draft_kernel"] == "tinygemm"
+    assert doc["variant"] == "tinygemm" and doc["meta"]["sd"]["tinygemm"]["draft_kernel"] == "tinygemm"
     assert [r["variant"] for r in doc["records"]] == ["tinygemm", "tinygemm"]
     for r in doc["records"]:
         r["ms_per_step_wall"] = 2.2  # the fake engine takes no time: give the wall clock a value
@@ -291,13 +291,13 @@ class _OomAboveBs16(_FakeEngine):
         super().__init__(model, spec, sglang_args)
 
 
-def in_process_child(args, part, budget_s, bs_max):
+def in_process_child(args, part, budget_s, bs_max, variant=None):
     """bench_step._child without the process: main(child_argv) here; an exception = a dead child (exit 1)."""
-    path = bench_step.child_json(args, part)
+    path = bench_step.child_json(args, part, variant)
     if os.path.exists(path):
         os.remove(path)
     try:
-        bench_step.main(bench_step.child_argv(args, part, budget_s, bs_max))
+        bench_step.main(bench_step.child_argv(args, part, budget_s, bs_max, variant))
         rc = 0
     except Exception:  # noqa: BLE001 - what a killed child process looks like to the parent
         rc = 1
@@ -329,7 +329,8 @@ def test_bench_step_runs_ar_first_and_retries_an_sd_start_failure_at_b16(tmp_pat
                      "--limit-s", "600"])
     doc = json.loads(out.read_text())
     assert [s["mode"] for s in SPECS] == ["no-sd", "argmax"] and SPECS[1]["bs_max"] == 16
-    assert doc["meta"]["sd_start_error"] == {"bs_max": 32, "exit": 1} and doc["meta"]["sd"]["bs_max"] == 16
+    assert doc["meta"]["sd_start_error"] == {"marlin": {"bs_max": 32, "exit": 1}}
+    assert doc["meta"]["sd"]["marlin"]["bs_max"] == 16
     assert doc["meta"]["f_eff"] == {"F": 1.0} and doc["device"] == "fake"  # measured by the AR child only
     assert [(r["mode"], r["batch"], r["gamma"]) for r in doc["records"]] == [
         ("ar", 1, 0), ("ar", 32, 0), ("sd", 1, 0), ("sd", 1, 3), ("sd", 32, 0)]
@@ -348,10 +349,10 @@ def test_bench_step_sd_dying_mid_run_keeps_both_parts_records_and_exits_nonzero(
 
     monkeypatch.setattr(bench_step.Bench, "run_sd", dies_after_one_record)
     out = tmp_path / "b.json"
-    with pytest.raises(SystemExit, match="part\\(s\\) sd failed"):
+    with pytest.raises(SystemExit, match="part\\(s\\) sd\\[marlin\\] failed"):
         bench_step.main(["run", "--json", str(out), "--seqs", "512", "--batches", "1,32", "--gammas", "0,3"])
     doc = json.loads(out.read_text())
-    assert doc["meta"]["sd_error"].startswith("child exited 1") and "sd_start_error" not in doc["meta"]
+    assert doc["meta"]["sd_error"]["marlin"].startswith("child exited 1") and "sd_start_error" not in doc["meta"]
     assert [r["mode"] for r in doc["records"]] == ["ar", "ar", "sd"]  # no retry: the SD engine had started
 
 

@@ -53,3 +53,12 @@ def test_bad_run_argument_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"--run no-sd={tmp_path / 'missing.jsonl'}: file not found"
     with pytest.raises(SystemExit):
         train_report.main(["--run", "nosd", "--json", str(tmp_path / "o.json")])
+
+
+def test_summary_mem_max_per_phase_only_where_logged():
+    rows = _rows(10.0, n=3)
+    rows[1].update({"mem/used_gib_awake": 60.5, "mem/used_gib_asleep": 4.0, "mem/train_peak_gib": 31.25})
+    rows[2].update({"mem/used_gib_awake": 61.0, "mem/used_gib_asleep": 3.5, "mem/train_peak_gib": 30.0})
+    mem = train_report.summarize(rows)["mem_max_gib"]
+    assert mem == {"used_gib_awake": 61.0, "used_gib_asleep": 4.0, "train_peak_gib": 31.25}  # no woken/reserved rows
+    assert train_report.summarize(_rows(10.0))["mem_max_gib"] == {}  # a CPU run logs none

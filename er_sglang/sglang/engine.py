@@ -239,6 +239,9 @@ class SGLangEngine:
                         finish_reason=_finish_reason(meta), num_drafted=int(meta.get("er_num_drafted", 0)),
                         num_accepted=int(meta.get("spec_num_correct_drafts", 0)),
                         num_verify_steps=int(meta.get("spec_verify_ct", 0)))
+            # SGLang (tokenizer_manager, 0.5.17): finished_time - created_time, created when this call submitted
+            if meta.get("e2e_latency") is not None:
+                r.latency_s = float(meta["e2e_latency"])
             rollouts.append(r)
         if self.mode == "no-sd":
             n = sum(max(len(r.output_ids) - 1, 0) for r in rollouts)

@@ -38,7 +38,9 @@ def record(name: str, payload: dict) -> None:
 def eng(tiny_path):
     spec = {"mode": "argmax", "gamma": 3, "gamma_ladder": [3, 5], "roofline": ROOFLINE, "timing": True,
             "policy": {"min_dwell_steps": 2, "argmax_gammas": [3, 5]}, "bs_max": 16}
-    e = SGLangEngine(tiny_path, spec, small_engine_args())
+    with pytest.MonkeyPatch.context() as mp:  # the scheduler process inherits it: a per-step trace in stats
+        mp.setenv("ER_TRACE_STEPS", "1")
+        e = SGLangEngine(tiny_path, spec, small_engine_args())
     yield e
     e.shutdown()
 
@@ -64,21 +66,47 @@ def test_draft_is_int4_of_target(eng):
     assert st["served_bs"] == {"3": 16, "5": 16} or st["served_bs"] == {3: 16, 5: 16}
 
 
-def test_gamma_switches_inside_one_rollout(eng):
-    """64 sequences, 56 of them short: gamma = 0 at B=64 (above B_max = 16, no graphs) and gamma > 0 once B is
-    small, both directions inside one rollout."""
+def test_gamma_switches_both_ways_inside_one_rollout(eng):
+    """4 long requests decode alone (B = 4 <= B_max = 16: gamma > 0); 48 short ones join once the first long one
+    has 12 tokens (B = 52, above B_max: no graphs, gamma = 0), finish, and the long ones go on alone (gamma > 0
+    again): both switches inside one rollout, in the worker's per-step trace. SGLang's Engine.generate blocks per
+    call, so both batches go through async_generate on the engine's own event loop."""
+    import asyncio
+    import itertools
+
     eng.rpc("set_gamma", gamma=-1)
     eng.rpc("reset_policy")  # fresh acceptance prior: earlier tests observed the random model's low acceptance
     eng.stats(reset=True)
-    prompts = [[5 + i, 7, 9, 11] for i in range(64)]
-    sps = [{"temperature": 1.0, "max_new_tokens": 8 if i < 56 else 96, "ignore_eos": True} for i in range(64)]
-    outs = eng.engine.generate(input_ids=prompts, sampling_params=sps, return_logprob=True)
+    long_sp = {"temperature": 1.0, "max_new_tokens": 160, "ignore_eos": True}
+    short_sp = {"temperature": 1.0, "max_new_tokens": 16, "ignore_eos": True}
+
+    async def rollout() -> list[dict]:
+        gen = eng.engine.async_generate
+        longs = [asyncio.ensure_future(gen(input_ids=[5 + i, 7, 9, 11], sampling_params=dict(long_sp),
+                                           return_logprob=True)) for i in range(1, 4)]
+        stream = await gen(input_ids=[5, 7, 9, 11], sampling_params=dict(long_sp), return_logprob=True, stream=True)
+        shorts, last = None, None
+        async for last in stream:
+            if shorts is None and last["meta_info"]["completion_tokens"] >= 12:
+                shorts = asyncio.ensure_future(gen(input_ids=[[50 + i, 7, 9, 11] for i in range(48)],
+                                                   sampling_params=[dict(short_sp) for _ in range(48)],
+                                                   return_logprob=True))
+        assert shorts is not None, "the streamed request never reached 12 tokens"
+        return [last, *await asyncio.gather(*longs), *await shorts]
+
+    outs = eng.engine.loop.run_until_complete(rollout())
     st = eng.stats(reset=True)
+    assert st.trace is not None, "no step trace: ER_TRACE_STEPS was not set when the engine started"
+    steps = [(int(rows), int(gamma)) for _, rows, gamma, _ in st.trace]  # (active sequences, gamma) per step
+    switches = {(a > 0, b > 0) for a, b in itertools.pairwise(g for _, g in steps)}
     drafted = [int(o["meta_info"].get("er_num_drafted", 0)) for o in outs]
     record("gamma_switch", {"gamma_hist": st.gamma_hist, "num_drafted": st.num_drafted,
-                            "num_accepted": st.num_accepted, "per_request_drafted": drafted,
+                            "num_accepted": st.num_accepted, "per_request_drafted": drafted, "steps": steps,
                             "policy": eng.rpc("stats")["policy"]})
-    assert 0 in st.gamma_hist and any(g > 0 for g in st.gamma_hist), st.gamma_hist
+    assert len(outs) == 52 and max(rows for rows, _ in steps) > 16, steps  # B really rose above B_max
+    assert all(g == 0 for rows, g in steps if rows > 16), steps  # no speculation graphs above B_max
+    assert (True, False) in switches, steps  # gamma > 0 -> 0: the short ones joined
+    assert (False, True) in switches, steps  # 0 -> gamma > 0: they finished
     assert sum(drafted) == st.num_drafted  # per-request counts add up to the aggregate denominator
 
 
