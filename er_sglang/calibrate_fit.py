@@ -166,6 +166,10 @@ def read_records_doc(doc, where: str) -> dict:
             float(r["batch"]), float(r["seq"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CalibrationError(f"{where}: a record lacks a numeric field ({e!r})") from None
+    variants = sorted({str(r["variant"]) for r in sd + sd0 if r.get("variant")})
+    if len(variants) > 1:  # one roofline models one drafter: a fit over several would average their costs
+        raise CalibrationError(f"{where}: SD records of several variants ({', '.join(variants)}); calibrate from a "
+                               "run of one (bench_step.py run --variants NAME)")
     if not ar:
         raise CalibrationError(f"{where}: no AR records (mode 'ar'); the fit needs plain-decoding steps")
     if not sd:

@@ -4,7 +4,8 @@
     python scripts/bench_rollout.py replay CONFIG.yaml [key=value ...] --from REAL.json --json OUT.json
     python scripts/bench_rollout.py merge --json ALL.json A.json B.json ...  # e.g. one device call per mode
     python scripts/bench_rollout.py plot --json OUT.json --png OUT.png [--part replay_7b]
-    python scripts/bench_rollout.py table --json OUT.json   # plot and table: scripts/bench_rollout_report.py
+    python scripts/bench_rollout.py table --json OUT.json   # plot, table, breakdown: scripts/bench_rollout_report.py
+    python scripts/bench_rollout.py breakdown --json OUT.json [--out BREAKDOWN.json]   # where the long tail's time goes
 
 `real`: CONFIG is an er-rollout / er-train experiment file (model, data, template, G, sampling, engine); every
 mode in --modes gets its own engine and --rollouts consecutive rollouts of the same prompts with the same
@@ -325,21 +326,23 @@ def main(argv=None) -> int:
             q.add_argument("--from", dest="source", required=True)
             q.add_argument("--part-name", default="replay_7b")
             q.add_argument("--prompt-len", type=int, default=256)
-    for name in ("plot", "table"):
+    for name in ("plot", "table", "breakdown"):
         q = sub.add_parser(name)
         q.add_argument("--json", required=True)
         if name == "plot":
             q.add_argument("--png", required=True)
             q.add_argument("--part", help="which part's runs (default: the first run's)")
+        if name == "breakdown":
+            q.add_argument("--out", help="write the breakdown as JSON here")
     q = sub.add_parser("merge", help="several runs' JSON (e.g. one device call per mode) into one")
     q.add_argument("--json", required=True, help="the merged output")
     q.add_argument("inputs", nargs="+")
     args = p.parse_args(argv)
-    from scripts.bench_rollout_report import cmd_plot, cmd_table  # reading a JSON only
+    from scripts.bench_rollout_report import cmd_breakdown, cmd_plot, cmd_table  # reading a JSON only
 
     try:
         {"real": cmd_real, "replay": cmd_replay, "plot": cmd_plot, "table": cmd_table,
-         "merge": cmd_merge}[args.cmd](args)
+         "breakdown": cmd_breakdown, "merge": cmd_merge}[args.cmd](args)
     except BAD_INPUT as exc:
         return report_bad_input(exc)
     return 0

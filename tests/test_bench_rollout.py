@@ -1,6 +1,6 @@
 """scripts/bench_rollout.py (+ _report.py) and er_sglang/replay.py on CPU: the wall-time model, replayed acceptance
-and its guard, prompt sampling, the trace and active-batch curves and their plot, and the `real` part end to end
-on the reference engine."""
+and its guard, prompt sampling, the trace and active-batch curves, their plot and per-bucket breakdown, and the
+`real` part end to end on the reference engine."""
 from __future__ import annotations
 
 import itertools
@@ -17,7 +17,7 @@ from er_sglang.policy import SpecPolicy
 from er_sglang.replay import ENV, ReplayAccept, ReplayRefused, build_replay, fit_alpha, refuse_in_training
 from scripts import bench_rollout
 from scripts.bench_rollout import active_curve, pick_examples, predict_wall, thin
-from scripts.bench_rollout_report import series
+from scripts.bench_rollout_report import LABELS, breakdown, bucket_of, curve_split, series, trace_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -209,3 +209,73 @@ def test_merge_joins_per_call_files_and_refuses_duplicates_or_mixed_devices(tmp_
     b.write_text(json.dumps({"part": "real", "device": "H100", "meta": {}, "runs": [_run("real", "rtn", 0, 9.0)]}))
     assert bench_rollout.main(["merge", "--json", str(out), str(a), str(b)]) == 2
     assert "different devices" in capsys.readouterr().err
+
+
+def test_bucket_of_edges():
+    assert LABELS == ["1", "2-4", "5-16", "17-64", "65-256", ">256"]
+    assert [bucket_of(b) for b in (0, 1, 2, 4, 5, 16, 17, 64, 65, 256, 257, 4096)] == [
+        None, "1", "2-4", "2-4", "5-16", "5-16", "17-64", "17-64", "65-256", "65-256", ">256", ">256"]
+
+
+def test_curve_split_time_and_tokens_by_hand():
+    # B = 8 for 1 s at 800 tok/s, then B = 2 for 2 s at 100 tok/s: 1 of 3 s and 800 of 1000 tokens at B 5-16
+    assert curve_split([[0.0, 8, 800.0], [1.0, 2, 100.0], [3.0, 0, 0.0]]) == {
+        "5-16": {"s": 1.0, "tokens": 800.0}, "2-4": {"s": 2.0, "tokens": 200.0}}
+
+
+def test_trace_split_weighs_each_kept_point_by_its_window():
+    # windows: p0 0 s, p1 0.25 s (B 8, g 5), p2 0.25 s (B 2, g 0), p3 0.5 s (B 2, g 5)
+    tr = [[0.0, 8, 5, 40], [0.25, 8, 5, 40], [0.5, 2, 0, 10], [1.0, 2, 5, 10]]
+    assert trace_split(tr) == {"5-16": {"steps": 2, "sd_steps": 2, "s": 0.25, "gamma_s": {5: 0.25}},
+                               "2-4": {"steps": 2, "sd_steps": 1, "s": 0.75, "gamma_s": {0: 0.25, 5: 0.5}}}
+
+
+def _bd_runs():
+    """no-sd (1 rollout), rtn (2: one with a trace, one with an empty trace), toggle from an old JSON (wall only)."""
+    nosd = {**_run("real", "no-sd", 0, 3.6), "trace": None,
+            "active_curve": [[0.0, 8, 800.0], [1.0, 2, 100.0], [3.0, 0, 0.0]]}
+    rtn0 = {**_run("real", "rtn", 0, 1.5), "active_curve": [[0.0, 8, 1600.0], [0.5, 2, 400.0], [1.0, 0, 0.0]],
+            "trace": [[0.0, 8, 5, 40], [0.25, 8, 5, 40], [0.5, 2, 0, 10], [1.0, 2, 5, 10]]}
+    rtn1 = {**_run("real", "rtn", 1, 3.0), "active_curve": [[0.0, 8, 1600.0], [0.5, 2, 100.0], [2.5, 0, 0.0]],
+            "trace": []}
+    return [nosd, rtn0, rtn1, _run("real", "toggle", 0, 1.8)]
+
+
+def test_breakdown_shares_and_speedups_by_hand():
+    doc = breakdown({"runs": _bd_runs()})
+    nosd, rtn, toggle = doc["groups"]
+    assert nosd["buckets"]["5-16"] == pytest.approx(
+        {"s": 1.0, "time_share": 1 / 3, "tokens": 800.0, "token_share": 0.8, "tok_per_s": 800.0, "vs_no_sd": 1.0})
+    assert nosd["wall_vs_no_sd"] == 1.0 and "sd_step_frac" not in nosd["buckets"]["2-4"]
+    # rtn per rollout: B 5-16 0.5 s + 0.5 s, 800 + 800 tokens; B 2-4 0.5 s + 2 s, 200 + 200 tokens
+    assert rtn["curve_rollouts"] == 2 and rtn["trace_rollouts"] == 1
+    assert rtn["wall_s"] == 2.25 and rtn["wall_vs_no_sd"] == pytest.approx(3.6 / 2.25)  # 1.6x
+    b5, b2 = rtn["buckets"]["5-16"], rtn["buckets"]["2-4"]
+    assert b5.pop("gamma_time_share") == {"5": 1.0}
+    assert b5 == pytest.approx({"s": 0.5, "time_share": 1 / 3.5, "tokens": 800.0, "token_share": 0.8,
+                                "tok_per_s": 1600.0, "vs_no_sd": 2.0, "sd_step_frac": 1.0, "sd_time_frac": 1.0})
+    # no-sd spent 2 s at B 2-4, rtn 1.25 s on average: 1.6x in the tail; its trace speculated 0.5 of 0.75 s there
+    assert b2.pop("gamma_time_share") == pytest.approx({"0": 1 / 3, "5": 2 / 3})
+    assert b2 == pytest.approx({"s": 1.25, "time_share": 2.5 / 3.5, "tokens": 200.0, "token_share": 0.2,
+                                "tok_per_s": 160.0, "vs_no_sd": 1.6, "sd_step_frac": 0.5, "sd_time_frac": 2 / 3})
+    assert toggle["buckets"] == {} and toggle["wall_vs_no_sd"] == 2.0
+    assert doc["notes"] == [
+        "real/rtn: 1 of 2 rollouts have no trace: left out of the gamma columns",
+        "real/toggle: 1 of 1 rollouts have no active_curve (older JSON): left out of the time and token shares",
+        "real/toggle: 1 of 1 rollouts have no trace: left out of the gamma columns"]
+
+
+def test_breakdown_command_prints_the_table_and_writes_json(tmp_path, capsys):
+    src, out = tmp_path / "r.json", tmp_path / "b.json"
+    runs = [*_bd_runs(), {**_run("other", "rtn", 0, 1.0), "active_curve": [[0.0, 1, 10.0], [1.0, 0, 0.0]]}]
+    src.write_text(json.dumps({"part": "real", "device": "cpu", "meta": {}, "runs": runs}))
+    assert bench_rollout.main(["breakdown", "--json", str(src), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| real | rtn | all | 2.25 | | | | 1.60x | | | |" in text
+    assert "| real | rtn | 2-4 | 1.25 | 71.4% | 20.0% | 160 | 1.60x | 50.0% | 66.7% | 0:33% 5:67% |" in text
+    assert "| real | no-sd | 5-16 | 1.00 | 33.3% | 80.0% | 800 | 1.00x | | | |" in text
+    assert "| other | rtn | 1 | 1.00 | 100.0% | 100.0% | 10 | | | | |" in text  # no no-sd, no trace: blanks
+    assert text.splitlines()[1] == "|---|---|---|---|---|---|---|---|---|---|---|"
+    assert "note: other/rtn: no no-sd run of this part: no speedups" in text
+    doc = json.loads(out.read_text())
+    assert doc["bucket_lows"] == [1, 2, 5, 17, 65, 257] and doc["groups"][1]["buckets"]["2-4"]["s"] == 1.25

@@ -289,3 +289,15 @@ def test_calibrate_measure_refuses_a_config_json_path_naming_its_directory(tmp_p
     err = capsys.readouterr().err
     assert err == f"error: --model {model}/config.json: measuring needs an HF model directory with config.json; " \
                   f"pass its directory {model}\n"
+
+
+def test_calibrate_refuses_records_of_several_variants():
+    """One roofline models one drafter: a variants run (bench_step --variants a,b) is not one calibration."""
+    doc = _records(TRUTH, [(2048, 1), (2048, 4)], gammas=(1, 3))
+    for i, r in enumerate(r for r in doc["records"] if r["mode"] == "sd"):
+        r["variant"] = "marlin" if i % 2 else "gemlite"
+    with pytest.raises(cal.CalibrationError, match="several variants .*gemlite, marlin"):
+        cal.read_records_doc(doc, "synthetic")
+    for r in doc["records"]:
+        r["variant"] = "ar" if r["mode"] == "ar" else "marlin"
+    assert len(cal.read_records_doc(doc, "synthetic")["sd"]) == 4  # one variant: fine (AR's "ar" is not one)
