@@ -18,6 +18,7 @@ from er_sglang.engine import Rollout, SpecStats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import accept_real
+import model_stage
 
 
 def _examples(lengths: list[int]) -> list[Example]:
@@ -46,7 +47,7 @@ def _staged(tmp_path: Path, chunk_bytes: int = 300):
     parts[0].write_bytes(data[:600])
     parts[1].write_bytes(data[600:])
     stage = tmp_path / "stage"
-    manifest = {"alias": "fake", **accept_real.split_chunks(parts, stage, chunk_bytes)}
+    manifest = {"alias": "fake", **model_stage.split_chunks(parts, stage, chunk_bytes)}
     return data, stage, manifest
 
 
@@ -58,7 +59,7 @@ def test_split_chunks_then_join_round_trips(tmp_path):
     for i, chunk in enumerate(manifest["chunks"]):
         assert (stage / chunk["name"] / "part").read_bytes() == data[300 * i:300 * (i + 1)]
         assert chunk["sha256"] == hashlib.sha256(data[300 * i:300 * (i + 1)]).hexdigest()
-    out = accept_real.join_chunks(stage, manifest, tmp_path / "joined.gguf")
+    out = model_stage.join_chunks(stage, manifest, tmp_path / "joined.gguf")
     assert out.read_bytes() == data
 
 
@@ -68,24 +69,24 @@ def test_join_chunks_names_the_corrupt_or_missing_chunk(tmp_path):
     head, *rest = part.read_bytes()
     part.write_bytes(bytes([head ^ 0xFF, *rest]))  # same size, first byte flipped
     with pytest.raises(ValueError, match=r"^chunk c02 \(.*c02/part\): 300 bytes, sha256 .* manifest says 300"):
-        accept_real.join_chunks(stage, manifest, tmp_path / "joined.gguf")
+        model_stage.join_chunks(stage, manifest, tmp_path / "joined.gguf")
     (stage / "c01" / "part").unlink()
     with pytest.raises(ValueError, match=r"^chunk c01 missing: .*c01/part \(stage it with a device call "
                                          r"carrying \.stage/c01\)"):
-        accept_real.join_chunks(stage, manifest, tmp_path / "joined.gguf")
+        model_stage.join_chunks(stage, manifest, tmp_path / "joined.gguf")
 
 
 def test_join_chunks_checks_the_whole_file_sha256(tmp_path):
     _, stage, manifest = _staged(tmp_path)
     fake = dict(manifest, sha256="0" * 64)  # every chunk right, the manifest's total wrong
     with pytest.raises(ValueError, match=r"^assembled file sha256 [0-9a-f]{64} != manifest 0{64}$"):
-        accept_real.join_chunks(stage, fake, tmp_path / "joined.gguf")
+        model_stage.join_chunks(stage, fake, tmp_path / "joined.gguf")
 
 
 def test_split_chunks_exact_multiple_has_no_empty_chunk(tmp_path):
     src = tmp_path / "a.bin"
     src.write_bytes(random.Random(1).randbytes(600))
-    manifest = accept_real.split_chunks([src], tmp_path / "stage", 300)
+    manifest = model_stage.split_chunks([src], tmp_path / "stage", 300)
     assert [c["bytes"] for c in manifest["chunks"]] == [300, 300]
 
 
@@ -229,19 +230,19 @@ def test_cmd_cpu_passes_draft_vocab_head_and_counts_to_the_spec_and_records_them
 def test_staged_tokenizer_round_trips_and_names_a_corrupt_file(tmp_path):
     src, stage, out = tmp_path / "ckpt", tmp_path / "stage", tmp_path / "out"
     src.mkdir(), out.mkdir()
-    payload = {name: (name * 4000).encode() for name in accept_real.TOKENIZER_FILES}
+    payload = {name: (name * 4000).encode() for name in model_stage.TOKENIZER_FILES}
     for name, data in payload.items():
         (src / name).write_bytes(data)
-    info = accept_real.stage_tokenizer(src, stage / "c07")
+    info = model_stage.stage_tokenizer(src, stage / "c07")
     assert info["chunk"] == "c07" and set(info["files"]) == set(payload)
     assert sum(f.stat().st_size for f in (stage / "c07" / "tokenizer").iterdir()) < sum(map(len, payload.values())) / 10
-    accept_real.restore_tokenizer(stage, info, out)
+    model_stage.restore_tokenizer(stage, info, out)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == payload
     with gzip.open(stage / "c07" / "tokenizer" / "tokenizer.json.gz", "wb") as f:
         f.write(b"not the tokenizer")
     with pytest.raises(ValueError, match="tokenizer file tokenizer.json .*sha256 differs"):
-        accept_real.restore_tokenizer(stage, info, out)
+        model_stage.restore_tokenizer(stage, info, out)
     (stage / "c07" / "tokenizer" / "chat_template.jinja.gz").unlink()
     info["files"].pop("tokenizer.json")
     with pytest.raises(ValueError, match="tokenizer file chat_template.jinja missing"):
-        accept_real.restore_tokenizer(stage, info, out)
+        model_stage.restore_tokenizer(stage, info, out)
