@@ -39,7 +39,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from scripts.bench_step_variant import KERNELS, Variant, draft_vocab_always, parse_variant, parse_variants
+from scripts.bench_step_variant import (
+    KERNELS,
+    Variant,
+    draft_vocab_always,
+    parse_server_arg,
+    parse_variant,
+    parse_variants,
+)
 
 ROOFLINE = os.path.join(ROOT, "configs", "roofline", "a100_tp1_qwen2.5-7b.json")
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -98,7 +105,8 @@ class Bench:
                 "attention_backend": self.args.backend,
                 "cuda_graph_bs_decode": self.args.batches, "mem_fraction_static": 0.7,
                 "disable_prefill_cuda_graph": True, "context_length": max(self.args.seqs) + 512,
-                "chunked_prefill_size": 16384, "random_seed": 0, "log_level": "warning"}
+                "chunked_prefill_size": 16384, "random_seed": 0, "log_level": "warning",
+                **dict(getattr(self.args, "sglang", None) or [])}  # --sglang: every engine of the run alike
 
     def prompts(self, s: int, b: int) -> list[list[int]]:
         rng = random.Random(s * 1000 + b)
@@ -243,7 +251,7 @@ def cmd_run(args) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM still reaps the child's group
     t0 = time.time()
     out = {"device": None, "backend": args.backend, "variants": [v.name for v in args.variants], "records": [],
-           "meta": {"cmd": " ".join(sys.argv), "max_total_num_tokens": {}}}
+           "meta": {"cmd": " ".join(sys.argv), "max_total_num_tokens": {}, "sglang": dict(args.sglang)}}
     failed = []
     if "ar" in args.parts:
         left = args.limit_s - (time.time() - t0)
@@ -323,6 +331,7 @@ def child_argv(args, part: str, budget_s: float, bs_max: int, variant: Variant |
             "--batches", ",".join(map(str, args.batches)), "--gammas", ",".join(map(str, args.gammas)),
             "--backend", args.backend, "--variants", (variant or args.variants[0]).name, "--sd-bs-max", str(bs_max),
             "--load-format", args.load_format, *(["--no-f-eff"] if args.no_f_eff else []),
+            *[a for k, v in args.sglang for a in ("--sglang", f"{k}={json.dumps(v)}")],
             *(["--points", ",".join(f"{s}:{b}" for s, b in args.points)] if args.points else [])]
 
 
@@ -374,6 +383,8 @@ def main(argv=None) -> None:
     r.add_argument("--variants", type=parse_variants, help="SD engines to measure, one child each, e.g. "
                    "'marlin,gemlite,marlin+vocab=32768+head=int4' (KERNEL[+vocab=K][+head=shared|int8|int4])")
     r.add_argument("--draft-kernel", choices=KERNELS, help="one variant: this spec.draft_kernel (default marlin)")
+    r.add_argument("--sglang", type=parse_server_arg, action="append", default=[], help="ServerArgs KEY=VALUE for "
+                   "every engine of the run, AR and SD alike (e.g. enable_torch_compile=true); repeatable")
     r.add_argument("--no-f-eff", action="store_true", help="skip the GEMM benchmark (meta.f_eff) that makes the "
                    "run's JSON an er-calibrate --from-json input")
     pr = sub.add_parser("profile")
@@ -393,6 +404,10 @@ def main(argv=None) -> None:
         if args.variants and args.draft_kernel:  # device_run.sh passes --draft-kernel always; BENCH_ARGS may add these
             print(f"bench_step run: --variants given, --draft-kernel {args.draft_kernel} ignored", flush=True)
         args.variants = args.variants or [parse_variant(args.draft_kernel or "marlin")]
+        named = {"attention_backend": "--backend", "load_format": "--load-format"}  # recorded in every record
+        for key, _ in args.sglang:
+            if key in named:
+                p.error(f"--sglang {key}: set it with {named[key]}")
     if args.cmd == "profile":
         from scripts.bench_step_profile import cmd_profile
 

@@ -4,6 +4,7 @@ Stdlib only: `table` parses the names back without torch."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
 
@@ -66,3 +67,15 @@ def draft_vocab_always(model_dir: str) -> list[int]:
 
     tokenizer = load_tokenizer(model_dir)
     return sorted(set(model_info(model_dir, tokenizer).stop_token_ids) | set(tokenizer.all_special_ids))
+
+
+def parse_server_arg(text: str) -> tuple[str, object]:
+    """--sglang KEY=VALUE (a ServerArgs field for every engine of a run, e.g. enable_torch_compile=true: what the
+    small per-layer ops' fusion does to AR and SD alike) -> (KEY, VALUE as JSON: true, 16, 0.5; else the string)."""
+    key, sep, value = text.partition("=")
+    if not (sep and key):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE (a ServerArgs field)")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value

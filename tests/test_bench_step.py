@@ -208,3 +208,30 @@ def test_table_refuses_two_accept_files_for_the_same_grid_head_and_gamma(tmp_pat
     (tmp_path / "b.json").write_text(json.dumps(dict(acc, draft_kernel="marlin")))
     with pytest.raises(SystemExit, match="--accept: .*a.json and .*b.json both measured"):
         bench_step.main(["table", "--json", str(run), "--accept", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}"])
+
+
+@pytest.mark.usefixtures("fake_gpu")
+def test_bench_step_sglang_args_reach_every_engine_through_the_children(tmp_path, monkeypatch):
+    """--sglang KEY=VALUE (JSON values) goes to the AR and every SD engine alike, through child_argv, into meta."""
+    from er_sglang.sglang import engine as sgl_engine
+
+    seen = []
+
+    class Recording(_FakeEngine):
+        def __init__(self, model, spec, sglang_args):
+            seen.append((spec["mode"], sglang_args["enable_torch_compile"], sglang_args["torch_compile_max_bs"],
+                         sglang_args["chunked_prefill_size"]))
+            super().__init__(model, spec, sglang_args)
+
+    monkeypatch.setattr(sgl_engine, "SGLangEngine", Recording)
+    monkeypatch.setattr(bench_step, "_child", in_process_child)
+    out = tmp_path / "b.json"
+    bench_step.main(["run", "--json", str(out), "--seqs", "512", "--batches", "1", "--gammas", "0", "--limit-s",
+                     "600", "--variants", "marlin,gemlite", "--sglang", "enable_torch_compile=true",
+                     "--sglang", "torch_compile_max_bs=16", "--sglang", "chunked_prefill_size=8192"])
+    assert seen == [("no-sd", True, 16, 8192), ("argmax", True, 16, 8192), ("argmax", True, 16, 8192)]
+    assert json.loads(out.read_text())["meta"]["sglang"] == {"enable_torch_compile": True, "torch_compile_max_bs": 16,
+                                                             "chunked_prefill_size": 8192}
+    for bad in ("enable_torch_compile", "attention_backend=triton"):  # not KEY=VALUE; a key the records carry
+        with pytest.raises(SystemExit):  # argparse's one line
+            bench_step.main(["run", "--json", str(out), "--sglang", bad])
