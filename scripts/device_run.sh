@@ -61,8 +61,9 @@ pt() {  # pt NAME FILE [CAP_S [PYTEST_ARGS...]]: one pytest process per call (an
     rc=$?; el "pytest $name rc=$rc"
     grep -E "PASS|FAIL|ERROR|passed|failed|error|Error" "$OUT/pytest_$name.log" | tail -n 25 | cut -c1-400
 }
-bench() {  # bench BACKEND: plain SGLang once, then one SD engine per variant of BENCH_VARIANTS (default marlin)
-    local tag=$1; [ -n "${BENCH_VARIANTS:-}" ] && tag=$1_variants
+bench() {  # bench BACKEND: plain SGLang once, then one SD engine per variant of BENCH_VARIANTS (default marlin);
+    # BENCH_TAG names a run whose BENCH_ARGS differ (e.g. --sglang enable_torch_compile=true) so it keeps its own file
+    local tag=$1; [ -n "${BENCH_VARIANTS:-}" ] && tag=$1_variants; [ -n "${BENCH_TAG:-}" ] && tag=$1_$BENCH_TAG
     python3 scripts/bench_step.py make --model /tmp/q7 > "$OUT/bench_$tag.log" 2>&1
     local blim=$(( $(left) - 15 - ${BENCH_LEAVE:-0} ))
     timeout "$(( blim + 45 ))" python3 scripts/bench_step.py run --model /tmp/q7 --limit-s "$blim" --backend "$1" \
