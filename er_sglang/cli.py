@@ -48,13 +48,14 @@ def _load(argv: list[str]) -> RolloutJob:
 
 
 def run(cfg: RolloutJob, progress: bool) -> dict:
-    from er_sglang.data import load_dataset
+    from er_sglang.data import first_batch, load_dataset
     from er_sglang.engine import SamplingParams, request_seeds
     from er_sglang.models import load_tokenizer, resolve_model_path
     from er_sglang.rollout import check_runnable, encode_prompts, make_engine, summarize
 
     check_runnable(cfg)
-    examples = load_dataset(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed)[: cfg.data.prompts_per_step]
+    examples = first_batch(load_dataset(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed),
+                           cfg.data.prompts_per_step, cfg.data.seed)  # er-train's step-1 prompts
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
     prompts = encode_prompts(examples, cfg.data.template, tokenizer, cfg.data.samples_per_prompt)
     engine = make_engine(cfg, progress=progress)

@@ -288,3 +288,10 @@ class PromptIterator:
                              f"the dataset now has {len(self.examples)}")
         self.seed, self.epoch, self.pos = state["seed"], state["epoch"], state["pos"]
         self.order = self._permutation(self.epoch)
+
+
+def first_batch(examples: list, num: int, seed: int) -> list:
+    """The `num` examples er-train's first step draws with data.seed: PromptIterator's first batch, a seeded
+    permutation (random.Random(seed * 1_000_003).shuffle; past the end, the next epoch's). Data files come in
+    source order (MATH's first 64 rows are all Algebra), so their first rows would be one subject."""
+    return PromptIterator(list(examples), num, seed=seed).next_batch()

@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from er_sglang.int4_linear import KERNELS, draft_grid, resolve_kernel  # torch only: no omegaconf there
-from scripts.model_stage import cmd_assemble, cmd_stage  # the model's staging for the device
+from scripts.model_stage import _write_json, cmd_assemble, cmd_stage  # the model's staging for the device
 
 DRAFT_HEADS = ("shared", "int8", "int4")  # config.DRAFT_HEADS (config.py imports omegaconf)
 TEMPLATE = "chatml"  # question + \boxed{} instruction as the user turn, through the model's chat template
@@ -211,11 +211,6 @@ def cmd_gpu(args) -> None:
                     startup_s=round(startup_s, 1), sglang_args=sglang_args)
     _write_json(args.json, rec)
     _print(rec)
-
-
-def _write_json(path, data: dict, indent: int | None = 1) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=indent) + "\n")
 
 
 def _parser() -> argparse.ArgumentParser:

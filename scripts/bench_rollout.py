@@ -13,7 +13,8 @@ seeds (rollout r uses seed + r), so the acceptance priors and the ladder evolve 
 Each run records wall time, tokens, acceptance, the gamma histogram, per-gamma accept histograms, response
 lengths, an `active_curve` for every mode (CURVE_DOC: one estimator for all, plain SGLang included) and,
 where the engine keeps one (ER_TRACE_STEPS; not plain SGLang), the per-step `trace` of the active batch.
-The prompts are a seeded sample of the data file (`pick_examples`), the same for every mode and rollout.
+The prompts are er-train's first seeded batch of the data file (`data.first_batch`), the same for every mode
+and rollout.
 
 `replay`: the same modes on another model (e.g. Qwen2.5-7B shapes, random weights: model.path=/tmp/q7
 sglang.load_format=dummy), replaying REAL's response lengths (ignore_eos, per-request max_new_tokens) and its
@@ -36,7 +37,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 MODES = ["no-sd", "rtn", "toggle", "adaptive", "argmax"]
 TRACE_POINTS = 2000
-CURVE_POINTS = 300
 CURVE_DOC = ("active_curve: [t_s from the generate call's submission, requests still running, tokens/s estimated "
              "as the sum over those of len_j / latency_s_j], at t = 0 and after finish events; a step function")
 
@@ -63,13 +63,14 @@ def thin(trace: list | None, points: int = TRACE_POINTS) -> list | None:
             for p, i in zip(prev, idx)]
 
 
-def active_curve(lengths: list[int], latencies: list, points: int = CURVE_POINTS) -> list | None:
+def active_curve(lengths: list[int], latencies: list) -> list | None:
     """[t_s, active, tokens_per_s] of one rollout from each request's finish time alone (CURVE_DOC), so every
     mode gets the same estimator (plain SGLang keeps no step trace). All requests are submitted at t = 0, so
     active(t) = #{j: latency_s_j > t} exactly; request j is taken to emit its len_j tokens uniformly over
     [0, latency_s_j], so tokens_per_s(t) = sum over active j of len_j / latency_s_j. One point at t = 0 and
-    one after each distinct finish time (the value holds until the next point); past `points`, every k-th
-    event and the last (about `points` kept), each still exact at its own t. None without latencies."""
+    one after each distinct finish time (the value holds until the next point). Never thinned (at most one point
+    per request): a thinned curve drops the last requests' points, the very tail that `breakdown` measures.
+    None without latencies."""
     if not latencies or any(lat is None for lat in latencies):
         return None
     pairs = sorted((float(lat), n) for n, lat in zip(lengths, latencies) if lat > 0)  # lat <= 0: never active
@@ -80,8 +81,7 @@ def active_curve(lengths: list[int], latencies: list, points: int = CURVE_POINTS
     for i, (lat, _) in enumerate(pairs):
         if i + 1 == len(pairs) or pairs[i + 1][0] > lat:  # the last request finishing at t = lat
             curve.append([round(lat, 4), len(pairs) - i - 1, round(rate_from[i + 1], 1)])
-    k = -(-(len(curve) - 1) // max(points - 1, 1))  # ceil: about `points` kept
-    return curve if k <= 1 else curve[::k] + ([curve[-1]] if (len(curve) - 1) % k else [])
+    return curve
 
 
 def predict_wall(lengths: list[int], prompt_len: float, policy, roofline, accept, seed: int = 0,
@@ -221,23 +221,13 @@ def _generate_lengths(engine, prompts, params, max_new: list[int]):
     return [SimpleNamespace(output_ids=o["output_ids"], latency_s=o["meta_info"].get("e2e_latency")) for o in outs]
 
 
-def pick_examples(examples: list, num: int, seed: int) -> list:
-    """The `num` prompts er-train's first step draws with data.seed: the first batch of PromptIterator, a seeded
-    permutation (random.Random(seed * 1_000_003).shuffle; past the end, the next epoch's). Data files are
-    sorted (MATH's first 64 rows are all Algebra), so the first rows would be one subject; one seed gives every
-    mode and rollout the same prompts."""
-    from er_sglang.data import PromptIterator
-
-    return PromptIterator(list(examples), num, seed=seed).next_batch()
-
-
 def encode(cfg) -> list[list[int]]:
-    from er_sglang.data import load_dataset
+    from er_sglang.data import first_batch, load_dataset
     from er_sglang.models import load_tokenizer, resolve_model_path
     from er_sglang.rollout import encode_prompts
 
-    examples = pick_examples(load_dataset(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed),
-                             cfg.data.prompts_per_step, cfg.data.seed)
+    examples = first_batch(load_dataset(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed),
+                           cfg.data.prompts_per_step, cfg.data.seed)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
     return encode_prompts(examples, cfg.data.template, tokenizer, cfg.data.samples_per_prompt)
 

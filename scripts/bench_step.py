@@ -401,7 +401,7 @@ def main(argv=None) -> None:
                    help="scripts/accept_real.py JSON(s), comma-separated: acceptance and the per-step gain")
     args = p.parse_args(argv)
     if args.cmd == "run":
-        if args.variants and args.draft_kernel:  # device_run.sh passes --draft-kernel always; BENCH_ARGS may add these
+        if args.variants and args.draft_kernel:  # both given: the list wins
             print(f"bench_step run: --variants given, --draft-kernel {args.draft_kernel} ignored", flush=True)
         args.variants = args.variants or [parse_variant(args.draft_kernel or "marlin")]
         named = {"attention_backend": "--backend", "load_format": "--load-format"}  # recorded in every record
@@ -415,7 +415,11 @@ def main(argv=None) -> None:
     if args.cmd in ("plot", "table"):  # reading records only: scripts/bench_step_report.py
         from scripts.bench_step_report import cmd_plot, cmd_table
 
-        return {"plot": cmd_plot, "table": cmd_table}[args.cmd](args)
+        try:
+            return {"plot": cmd_plot, "table": cmd_table}[args.cmd](args)
+        except (ValueError, OSError) as e:  # a bad or mismatched input file: one line, exit 2
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     {"make": cmd_make, "run": cmd_run}[args.cmd](args)
 
 

@@ -39,6 +39,7 @@ def cmd_table(args) -> None:
     the AR step is wall clock too) and CUDA events (the worker's forward only), the AR step, r = draft step / AR,
     r_plain = draft step / the SD engine's own gamma = 0 decode step (no AR run needed) and verify / AR, over one
     or more runs' JSON files (records written before `variant` existed ran Marlin)."""
+    _same_server_args(args.json)
     recs = [r for path in args.json for r in _rows(path)[1]]
     ar = {(r["seq"], r["batch"]): r["ms_per_step"] for r in recs if r["mode"] == "ar"}
     sd = [dict(r, variant=r.get("variant", "marlin")) for r in recs if r["mode"] == "sd"]
@@ -59,6 +60,17 @@ def cmd_table(args) -> None:
     _table_r(sd, ar)
     if args.accept:
         _table_gain(sd, ar, _accepts(args.accept))
+
+
+def _same_server_args(paths: list) -> None:
+    """Runs whose engines differ in --sglang (e.g. a torch.compile run) have different AR steps: one table of them
+    would set one run's SD against another's AR. ValueError naming the two files."""
+    seen = {}
+    for path in paths:
+        seen.setdefault(json.dumps(_rows(path)[0].get("meta", {}).get("sglang") or {}, sort_keys=True), path)
+    if len(seen) > 1:
+        (a, pa), (b, pb) = list(seen.items())[:2]
+        raise ValueError(f"--json: {pa} ran --sglang {a}, {pb} --sglang {b}: table them apart (each has its own AR)")
 
 
 def _f(x) -> str:
@@ -108,6 +120,8 @@ def _table_gain(sd: list, ar: dict, accepts: dict) -> None:
     from er_sglang.int4_linear import draft_grid
     from scripts.bench_step_variant import parse_variant
 
+    print("\nPredicted G uses the worker's CUDA-event times over AR's wall time (no host work on the SD side), so it "
+          "reads above the measured G where host work shows (small B).")
     print("\n| S | B | variant | gamma | accept rate | L (tokens/step) | r | v | G = L/(gamma r + v) "
           "| G measured = L T_AR / wall step |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -84,10 +84,12 @@ profile() {  # profile BACKEND: torch-profiler traces of SD (B x gamma) and plai
 # er-train steps: the experiment files' folder and the prompt file (TRAIN_DATA= for a config's own data)
 TRAIN_CFG=${TRAIN_CFG:-configs/experiments/qwen2.5-coder-0.5b}
 TRAIN_DATA=${TRAIN_DATA-data.train=/tmp/pydeps/gsm8k_train.jsonl}
-roof() {  # roof NAME: spec.roofline=<this GPU's calibration of NAME>, measured on this machine or committed
+roof() {  # roof NAME: spec.roofline=<this GPU's calibration of NAME>, measured on this machine or committed; a
+    # "preliminary" fit (meta.status) is skipped: it predates the worker's gamma = 0 fix and would make the
+    # roofline-driven modes decode plainly
     local f; for f in "/tmp/res/${GPU}_tp1_$1.json" "configs/roofline/${GPU}_tp1_$1.json"; do
-        [ -f "$f" ] && { echo "spec.roofline=$f"; return; }; done
-    el "roof $1: no ${GPU} calibration; the experiment file's roofline decides" >&2
+        [ -f "$f" ] && ! grep -q '"status": *"preliminary' "$f" && { echo "spec.roofline=$f"; return; }; done
+    el "roof $1: no final ${GPU} calibration; the experiment file's roofline decides" >&2
 }
 raystop() {  # a run killed by timeout/SIGKILL leaves Ray's daemons: the next run must start clean
     pkill -9 -f "ray/core/src/ray" 2>/dev/null; pkill -9 -f "ray::" 2>/dev/null; pkill -9 -f sglang 2>/dev/null; sleep 2
@@ -133,6 +135,8 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                 # step and checkpoints within the 90 s before SIGKILL), and the next call with the same mode continues it (resume=auto) unless
                 # TRAIN_FRESH=1. checkpoint.keep=1, and a finished run's checkpoints are deleted (7.6 GB each).
                 for m in ${TRAIN_MODES:-no-sd}; do
+                    # SIGKILL comes 90 s after SIGTERM: with < 200 s left a run could outlive the call (and its res.tgz)
+                    [ "$(left)" -lt 200 ] && { el "train $m: $(left) s left, not started"; continue; }
                     d=/tmp/runs/$m; mkdir -p /tmp/res/train
                     if [ "${TRAIN_FRESH:-0}" = 1 ] || [ ! -d "$d/checkpoints" ]; then
                         rm -rf "$d"; args=("$TRAIN_CFG/$m.yaml" "run_dir=$d" logging.wandb=disabled $TRAIN_DATA)
@@ -193,6 +197,8 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                 grep -m8 -E "Error|error:|Traceback" "$OUT/replay_$tag.log" | cut -c1-300 ;;
         calibrate) # issue 12: er-calibrate per shape in CAL_SHAPES (configs/shapes/NAME, random weights), each
                 # within CAL_BUDGET s of measuring -> /tmp/res/<gpu>_tp1_NAME.json (+ .png, .records.json)
+                [ -n "${CAL_NAME:-}" ] && [ "$(echo ${CAL_SHAPES:-} | wc -w)" -gt 1 ] \
+                    && { el "calibrate: CAL_NAME names one model dir; CAL_SHAPES has several"; continue; }
                 for n in ${CAL_SHAPES:-qwen2.5-7b}; do  # a shape name, or a model dir (e.g. /tmp/q05, named CAL_NAME)
                     m="configs/shapes/$n"; [ -d "$n" ] && m=$n && n=${CAL_NAME:-$(basename "$n")}
                     cb=$(( $(left) - 90 )); [ "$cb" -gt "${CAL_BUDGET:-480}" ] && cb=${CAL_BUDGET:-480}

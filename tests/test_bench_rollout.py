@@ -16,7 +16,7 @@ from er_sglang.engine import SamplingParams, SpecStats
 from er_sglang.policy import SpecPolicy
 from er_sglang.replay import ENV, ReplayAccept, ReplayRefused, build_replay, fit_alpha, refuse_in_training
 from scripts import bench_rollout
-from scripts.bench_rollout import active_curve, pick_examples, predict_wall, thin
+from scripts.bench_rollout import active_curve, predict_wall, thin
 from scripts.bench_rollout_report import LABELS, breakdown, bucket_of, curve_split, series, trace_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,19 +120,11 @@ def test_active_curve_counts_running_requests_and_their_mean_rates():
     assert active_curve([5, 5], [1.0, None]) is None and active_curve([], []) is None
 
 
-def test_active_curve_thins_to_every_kth_finish_and_the_last():
-    # request j (1..10) finishes at j s with 10 j tokens (10 tok/s each); 11 points, at most 4 -> every 4th
-    curve = active_curve([10 * j for j in range(1, 11)], [float(j) for j in range(1, 11)], points=4)
-    assert curve == [[0.0, 10, 100.0], [4.0, 6, 60.0], [8.0, 2, 20.0], [10.0, 0, 0.0]]
-
-
-def test_pick_examples_is_the_trainers_first_seeded_batch_not_the_first_rows():
-    # er-train's step 0: random.Random(seed * 1_000_003).shuffle(range(100))[:4]
-    rows = list(range(100))
-    assert pick_examples(rows, 4, seed=0) == [23, 8, 11, 7] == pick_examples(rows, 4, seed=0)
-    assert pick_examples(rows, 4, seed=1) == [78, 25, 76, 9]
-    # fewer rows than asked: epoch 0's permutation [0, 2, 1], then epoch 1's (Random(1): [1, 2, 0]) begins
-    assert pick_examples([0, 1, 2], 5, seed=0) == [0, 2, 1, 1, 2]
+def test_active_curve_keeps_every_finish_down_to_the_last_request():
+    # request j (1..10) finishes at j s with 10 j tokens (10 tok/s each): a point per finish, none dropped, so the
+    # one-request tail (t in [9, 10)) keeps its own point
+    curve = active_curve([10 * j for j in range(1, 11)], [float(j) for j in range(1, 11)])
+    assert len(curve) == 11 and curve[0] == [0.0, 10, 100.0] and curve[-2:] == [[9.0, 1, 10.0], [10.0, 0, 0.0]]
 
 
 def test_sglang_generate_reads_latency_from_e2e_latency():

@@ -127,7 +127,7 @@ def test_bench_step_draft_kernel_flag_is_the_one_variant_case(monkeypatch):
     monkeypatch.setattr(bench_step, "cmd_run", parsed.append)
     bench_step.main(["run", "--json", "x.json", "--draft-kernel", "tinygemm"])
     bench_step.main(["run", "--json", "x.json"])
-    bench_step.main(["run", "--json", "x.json", "--draft-kernel", "tinygemm", "--variants", "gemlite"])  # device_run
+    bench_step.main(["run", "--json", "x.json", "--draft-kernel", "tinygemm", "--variants", "gemlite"])  # both: the list wins
     assert [a.variants for a in parsed] == [[Variant("tinygemm", "tinygemm")], [Variant("marlin", "marlin")],
                                             [Variant("gemlite", "gemlite")]]
 
@@ -235,3 +235,17 @@ def test_bench_step_sglang_args_reach_every_engine_through_the_children(tmp_path
     for bad in ("enable_torch_compile", "attention_backend=triton"):  # not KEY=VALUE; a key the records carry
         with pytest.raises(SystemExit):  # argparse's one line
             bench_step.main(["run", "--json", str(out), "--sglang", bad])
+
+
+def test_table_refuses_runs_of_different_server_args(tmp_path, capsys):
+    """A torch.compile run's AR is not the eager run's: one table of both is refused in one line (exit 2)."""
+    rec = {"mode": "ar", "variant": "ar", "gamma": 0, "batch": 1, "seq": 512, "ms_per_step": 5.0}
+    paths = []
+    for name, extra in (("eager", {}), ("compile", {"enable_torch_compile": True})):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"records": [rec], "meta": {"sglang": extra}}))
+    with pytest.raises(SystemExit) as e:
+        bench_step.main(["table", "--json", *map(str, paths)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "compile.json" in err and "enable_torch_compile" in err and len(err.splitlines()) == 1
+    bench_step.main(["table", "--json", str(paths[0]), str(paths[0])])  # the same server args: fine

