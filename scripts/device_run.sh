@@ -149,12 +149,15 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                     cp "$d/metrics.jsonl" "/tmp/res/train/$m.jsonl" 2>/dev/null; raystop
                     grep -q "er-train: done" "$OUT/train_$m.log" && rm -rf "$d/checkpoints"
                 done ;;
-        train_resume) # SIGKILL the whole run once step RESUME_KILL_AFTER's checkpoint exists, then resume=auto
+        train_resume) # SIGKILL the whole run once step RESUME_KILL_AFTER's checkpoint exists, then resume=auto.
+                # RESUME_EXACT=1: deterministic inference (per-request seeds honored) and the same run uninterrupted
+                # as the reference: train_report --resume-reference checks the resumed steps equal it
                 m=${RESUME_MODE:-argmax}; d=/tmp/runs/resume_$m; k=${RESUME_KILL_AFTER:-2}; rm -rf "$d"
+                det=(); [ "${RESUME_EXACT:-0}" = 1 ] && det=(sglang.enable_deterministic_inference=true)
                 mkdir -p /tmp/res/train
                 setsid python3 -m orchestrator.cli "$TRAIN_CFG/$m.yaml" "run_dir=$d" \
                     logging.wandb=disabled $TRAIN_DATA "checkpoint.every=$k" \
-                    "train.num_steps=$(( k + 2 ))" ${TRAIN_ARGS:-} > "$OUT/resume_first.log" 2>&1 &
+                    "train.num_steps=$(( k + 2 ))" "${det[@]}" ${TRAIN_ARGS:-} > "$OUT/resume_first.log" 2>&1 &
                 pid=$!
                 while kill -0 "$pid" 2>/dev/null && [ ! -f "$d/checkpoints/step_$(printf %06d "$k")/state.json" ] \
                     && [ "$(left)" -gt 120 ]; do sleep 2; done
@@ -164,7 +167,15 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
                 timeout "$(lim 20)" setsid python3 -m orchestrator.cli "run_dir=$d" resume=auto \
                     > "$OUT/resume_second.log" 2>&1
                 el "resume rc=$?"; tail -n 12 "$OUT/resume_second.log" | cut -c1-250
-                cp "$d/metrics.jsonl" /tmp/res/train/resume_${m}.jsonl 2>/dev/null; raystop; rm -rf "$d/checkpoints" ;;
+                cp "$d/metrics.jsonl" /tmp/res/train/resume_${m}.jsonl 2>/dev/null; raystop; rm -rf "$d/checkpoints"
+                if [ "${RESUME_EXACT:-0}" = 1 ]; then
+                    r=/tmp/runs/resume_${m}_ref; rm -rf "$r"
+                    timeout "$(lim 20)" setsid python3 -m orchestrator.cli "$TRAIN_CFG/$m.yaml" "run_dir=$r" \
+                        logging.wandb=disabled $TRAIN_DATA "checkpoint.every=$k" "train.num_steps=$(( k + 2 ))" \
+                        "${det[@]}" ${TRAIN_ARGS:-} > "$OUT/resume_reference.log" 2>&1
+                    el "resume reference rc=$?"; cp "$r/metrics.jsonl" /tmp/res/train/resume_${m}_ref.jsonl 2>/dev/null
+                    raystop; rm -rf "$r"
+                fi ;;
         rollout) # issue 10 part real: the staged 0.5B (/tmp/q05 + its staged tokenizer), MATH levels 3-5 from
                 # pydeps, 64 prompts x G 8, 4096 new tokens; ROLLOUT_MODES (comma-separated) per call, one JSON each.
                 # No trainer shares the GPU here: 0.8 of it for weights + KV (512 x 4.3k tokens x 12 KiB = 26 GiB;

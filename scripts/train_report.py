@@ -9,7 +9,8 @@ steps, mean step / rollout / train / sync times over steps >= 2 (step 1 holds th
 fraction of the step, reward of the first and last thirds, acceptance, the largest GPU memory per phase
 (mem_max_gib: awake, asleep, training peak, woken; GPU runs only); and step_time_ratio = no-sd's mean step
 time / each mode's (> 1: faster than no-sd). resume_checked: the resumed run's steps are 1..N without a gap,
-and it went past --kill-after.
+and it went past --kill-after; resume.exact (with --resume-reference, the same run uninterrupted): its steps after
+the kill equal the reference's (reward, loss, tokens), which SGLang allows only with deterministic inference.
 """
 from __future__ import annotations
 
@@ -57,14 +58,38 @@ def resume_checked(rows: list[dict], kill_after: int) -> bool:
     return bool(steps) and steps == list(range(1, len(steps) + 1)) and steps[-1] > kill_after
 
 
-def build(runs: dict[str, list[dict]], resume: list[dict] | None, kill_after: int) -> dict:
+# what must match, step for step, between the resumed run and an uninterrupted one (RESUME_EXACT=1 on the device)
+EXACT_KEYS = ("train/reward_mean", "train/loss", "train/num_tokens")
+
+
+def resume_exact(resumed: list[dict], reference: list[dict], kill_after: int, rtol: float = 1e-6) -> dict:
+    """Steps after the kill, resumed vs uninterrupted (same config, deterministic inference): {"exact": every
+    EXACT_KEYS value equal within rtol at every such step of both, "steps": compared step numbers, "max_rel_diff"}.
+    exact is None when no step after the kill is in both."""
+    ref = {r["step"]: r for r in reference}
+    steps = [r["step"] for r in resumed if r["step"] > kill_after and r["step"] in ref]
+    worst = 0.0
+    for r in resumed:
+        if r["step"] in steps:
+            for key in EXACT_KEYS:
+                a, b = r.get(key), ref[r["step"]].get(key)
+                if a is None or b is None:
+                    continue
+                worst = max(worst, abs(a - b) / max(abs(a), abs(b), 1e-12))
+    return {"exact": (worst <= rtol) if steps else None, "steps": steps, "max_rel_diff": worst}
+
+
+def build(runs: dict[str, list[dict]], resume: list[dict] | None, kill_after: int,
+          reference: list[dict] | None = None) -> dict:
     summary = {mode: summarize(rows) for mode, rows in runs.items()}
     base = summary.get("no-sd", {}).get("step_s")
     for s in summary.values():
         s["step_time_ratio"] = round(base / s["step_s"], 4) if (base and s["step_s"]) else None
     return {"runs": [{"mode": m, "steps": rows} for m, rows in runs.items()],
             "resume_checked": resume_checked(resume or [], kill_after),
-            "resume": {"kill_after_step": kill_after, "steps": resume or []}, "summary": summary}
+            "resume": {"kill_after_step": kill_after, "steps": resume or [],
+                       "exact": resume_exact(resume or [], reference, kill_after) if reference else None},
+            "summary": summary}
 
 
 def plot(runs: dict[str, list[dict]], png: str) -> None:
@@ -98,6 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run", type=_run_arg, action="append", required=True, help="MODE=metrics.jsonl")
     ap.add_argument("--resume", default=None, help="metrics.jsonl of the killed-and-resumed run")
     ap.add_argument("--kill-after", type=int, default=2)
+    ap.add_argument("--resume-reference", default=None, help="metrics.jsonl of the same run uninterrupted: the "
+                    "resumed steps are compared with it (resume.exact)")
     ap.add_argument("--json", required=True)
     ap.add_argument("--png", default=None)
     args = ap.parse_args(argv)
@@ -107,12 +134,18 @@ def main(argv=None) -> int:
             print(f"--run {mode}={path}: file not found", file=sys.stderr)
             return 2
         runs[mode] = read_metrics(path)
-    report = build(runs, read_metrics(args.resume) if args.resume else None, args.kill_after)
+    for flag, path in (("--resume", args.resume), ("--resume-reference", args.resume_reference)):
+        if path and not Path(path).is_file():
+            print(f"{flag} {path}: file not found", file=sys.stderr)
+            return 2
+    report = build(runs, read_metrics(args.resume) if args.resume else None, args.kill_after,
+                   read_metrics(args.resume_reference) if args.resume_reference else None)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.png:
         plot(runs, args.png)
-    print(json.dumps({"summary": report["summary"], "resume_checked": report["resume_checked"]}, indent=1))
+    print(json.dumps({"summary": report["summary"], "resume_checked": report["resume_checked"],
+                      "resume_exact": report["resume"]["exact"]}, indent=1))
     return 0
 
 

@@ -62,3 +62,18 @@ def test_summary_mem_max_per_phase_only_where_logged():
     mem = train_report.summarize(rows)["mem_max_gib"]
     assert mem == {"used_gib_awake": 61.0, "used_gib_asleep": 4.0, "train_peak_gib": 31.25}  # no woken/reserved rows
     assert train_report.summarize(_rows(10.0))["mem_max_gib"] == {}  # a CPU run logs none
+
+
+def test_resume_exact_compares_steps_after_the_kill_only():
+    ref = _rows(10.0, n=4)
+    for r in ref:
+        r.update({"train/loss": 0.5 / r["step"], "train/num_tokens": 100 * r["step"]})
+    same = [dict(r) for r in ref]
+    same[0]["train/loss"] = 9.0  # step 1 ran before the kill in both runs: not compared
+    out = train_report.resume_exact(same, ref, kill_after=2)
+    assert out == {"exact": True, "steps": [3, 4], "max_rel_diff": 0.0}
+    drift = [dict(r) for r in ref]
+    drift[3]["train/reward_mean"] *= 1.001  # step 4's reward moved by 0.1 %
+    bad = train_report.resume_exact(drift, ref, kill_after=2)
+    assert bad["exact"] is False and bad["max_rel_diff"] == pytest.approx(0.001 / 1.001, rel=1e-6)
+    assert train_report.resume_exact(ref[:2], ref, kill_after=2)["exact"] is None  # nothing past the kill
