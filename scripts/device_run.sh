@@ -152,8 +152,9 @@ er_sglang.sglang.plugin as p; p.register('all'); print('worker imports ok')" 2>&
         train_resume) # SIGKILL the whole run once step RESUME_KILL_AFTER's checkpoint exists, then resume=auto.
                 # RESUME_EXACT=1: deterministic inference (per-request seeds honored) and the same run uninterrupted
                 # as the reference: train_report --resume-reference checks the resumed steps equal it
+                # (RESUME_EXACT_ARGS replaces the deterministic-inference key, e.g. for a CPU rehearsal: seed=0)
                 m=${RESUME_MODE:-argmax}; d=/tmp/runs/resume_$m; k=${RESUME_KILL_AFTER:-2}; rm -rf "$d"
-                det=(); [ "${RESUME_EXACT:-0}" = 1 ] && det=(sglang.enable_deterministic_inference=true)
+                det=(); [ "${RESUME_EXACT:-0}" = 1 ] && det=(${RESUME_EXACT_ARGS:-sglang.enable_deterministic_inference=true})
                 mkdir -p /tmp/res/train
                 setsid python3 -m orchestrator.cli "$TRAIN_CFG/$m.yaml" "run_dir=$d" \
                     logging.wandb=disabled $TRAIN_DATA "checkpoint.every=$k" \
