@@ -209,3 +209,9 @@ def model_info(path: str | Path, tokenizer=None) -> ModelInfo:
         stop_token_ids=sorted(set(stop)),
         has_chat_template=bool(tokenizer.chat_template),
     )
+
+
+def draft_vocab_always(stop_token_ids, tokenizer) -> list[int]:
+    """The ids a reduced draft vocabulary (spec.draft_vocab) always keeps, on every engine: the stop tokens and
+    the tokenizer's special ids, ascending."""
+    return sorted(set(stop_token_ids) | set(tokenizer.all_special_ids))

@@ -68,7 +68,7 @@ class ReferenceEngine:
     def from_config(cls, cfg, progress: bool = False) -> ReferenceEngine:
         from transformers import AutoModelForCausalLM
 
-        from er_sglang.models import load_tokenizer, model_info, resolve_model_path
+        from er_sglang.models import draft_vocab_always, load_tokenizer, model_info, resolve_model_path
         from er_sglang.policy import SpecPolicy
 
         path = resolve_model_path(cfg.model.path)
@@ -85,7 +85,7 @@ class ReferenceEngine:
         draft_vocab = None
         if drafter is not None and cfg.spec.draft_vocab:  # stop and special tokens are always drafted
             draft_vocab = DraftVocab(model.get_output_embeddings().weight.shape[0], cfg.spec.draft_vocab,
-                                     set(stops) | set(tokenizer.all_special_ids),
+                                     draft_vocab_always(stops, tokenizer),
                                      soft=cfg.spec.draft_vocab_counts == "soft")
         return cls(model, policy, drafter, stops, progress=progress, draft_vocab=draft_vocab)
 

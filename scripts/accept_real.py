@@ -133,10 +133,9 @@ def gpu_spec(args, data: dict, bs_max: int) -> dict:
     spec = {"mode": "rtn", "gamma": args.gamma, "gamma_ladder": [args.gamma], "bs_max": bs_max,
             "draft_kernel": args.draft_kernel, "draft_vocab": args.draft_vocab, "draft_head": args.draft_head}
     if args.draft_vocab:
-        from er_sglang.models import load_tokenizer
+        from er_sglang.models import draft_vocab_always, load_tokenizer
 
-        special = load_tokenizer(args.model).all_special_ids
-        spec["draft_vocab_always"] = sorted(set(data["stop_token_ids"]) | set(special))
+        spec["draft_vocab_always"] = draft_vocab_always(data["stop_token_ids"], load_tokenizer(args.model))
     return spec
 
 

@@ -39,8 +39,9 @@ def cmd_table(args) -> None:
     the AR step is wall clock too) and CUDA events (the worker's forward only), the AR step, r = draft step / AR,
     r_plain = draft step / the SD engine's own gamma = 0 decode step (no AR run needed) and verify / AR, over one
     or more runs' JSON files (records written before `variant` existed ran Marlin)."""
-    _same_server_args(args.json)
-    recs = [r for path in args.json for r in _rows(path)[1]]
+    runs = [(path, *_rows(path)) for path in args.json]
+    _same_server_args([(path, data) for path, data, _ in runs])
+    recs = [r for _, _, records in runs for r in records]
     ar = {(r["seq"], r["batch"]): r["ms_per_step"] for r in recs if r["mode"] == "ar"}
     sd = [dict(r, variant=r.get("variant", "marlin")) for r in recs if r["mode"] == "sd"]
     plain = {(r["seq"], r["batch"], r["variant"]): r.get("t_decode_ms") for r in sd if r["gamma"] == 0}
@@ -62,12 +63,12 @@ def cmd_table(args) -> None:
         _table_gain(sd, ar, _accepts(args.accept))
 
 
-def _same_server_args(paths: list) -> None:
-    """Runs whose engines differ in --sglang (e.g. a torch.compile run) have different AR steps: one table of them
-    would set one run's SD against another's AR. ValueError naming the two files."""
+def _same_server_args(docs: list) -> None:
+    """Runs ([(path, JSON)]) whose engines differ in --sglang (e.g. a torch.compile run) have different AR steps: one
+    table of them would set one run's SD against another's AR. ValueError naming the two files."""
     seen = {}
-    for path in paths:
-        seen.setdefault(json.dumps(_rows(path)[0].get("meta", {}).get("sglang") or {}, sort_keys=True), path)
+    for path, data in docs:
+        seen.setdefault(json.dumps(data.get("meta", {}).get("sglang") or {}, sort_keys=True), path)
     if len(seen) > 1:
         (a, pa), (b, pb) = list(seen.items())[:2]
         raise ValueError(f"--json: {pa} ran --sglang {a}, {pb} --sglang {b}: table them apart (each has its own AR)")

@@ -63,10 +63,10 @@ def draft_vocab_always(model_dir: str) -> list[int]:
     worker's DraftVocab takes an empty list, and HeadedDrafter adds the model config's eos ids itself)."""
     if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return []
-    from er_sglang.models import load_tokenizer, model_info
+    from er_sglang import models
 
-    tokenizer = load_tokenizer(model_dir)
-    return sorted(set(model_info(model_dir, tokenizer).stop_token_ids) | set(tokenizer.all_special_ids))
+    tokenizer = models.load_tokenizer(model_dir)
+    return models.draft_vocab_always(models.model_info(model_dir, tokenizer).stop_token_ids, tokenizer)
 
 
 def parse_server_arg(text: str) -> tuple[str, object]:

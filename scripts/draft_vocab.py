@@ -115,12 +115,12 @@ def _load(args):
     from transformers import AutoModelForCausalLM
 
     from er_sglang.drafter import build_drafter
-    from er_sglang.models import load_tokenizer, model_info, resolve_model_path
+    from er_sglang.models import draft_vocab_always, load_tokenizer, model_info, resolve_model_path
 
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
     stops = model_info(path, tokenizer).stop_token_ids
-    always = sorted(set(stops) | set(tokenizer.all_special_ids))
+    always = draft_vocab_always(stops, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     drafter = build_drafter(model, group_size=128, backend="auto")
     _, prompts, warm_prompts = make_prompts(tokenizer, args.n, args.n_warmup, args.seed)

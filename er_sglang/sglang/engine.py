@@ -153,11 +153,10 @@ class SGLangEngine:
         path = str(_get(cfg, "model.path"))  # an alias -> its converted dir; anything else goes to SGLang as is
         path = str(resolve_model_path(path)) if path in ALIASES else path
         if spec["draft_vocab"]:  # stop and special tokens are always drafted (as the reference engine does)
-            from er_sglang.models import load_tokenizer, model_info
+            from er_sglang.models import draft_vocab_always, load_tokenizer, model_info
 
             tokenizer = load_tokenizer(path)
-            spec["draft_vocab_always"] = sorted(set(model_info(path, tokenizer).stop_token_ids)
-                                                | set(tokenizer.all_special_ids))
+            spec["draft_vocab_always"] = draft_vocab_always(model_info(path, tokenizer).stop_token_ids, tokenizer)
         engine = cls(path, spec,
                      {**run_server_args(cfg), **sglang_args})
         engine.warmup()
